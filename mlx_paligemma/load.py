@@ -1,0 +1,64 @@
+"""`load()`: a checkpoint folder or hub id -> MLX model and processor.
+
+Tensors are read with `mx.load`, which maps them lazily; the model's parameters are replaced
+by those lazy arrays (cast to the compute dtype on the way) and evaluated once, so the
+process never holds a second full copy of the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .checkpoint import canonical_key, check_tensors, open_checkpoint, resolve_model_dir
+from .config import load_config
+from .errors import PaliGemmaError
+from .models import Model
+from .processor import Processor
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def parse_dtype(dtype: Optional[str]) -> Optional[mx.Dtype]:
+    if dtype is None:
+        return None
+    if dtype not in DTYPES:
+        raise PaliGemmaError(f"dtype: unsupported {dtype!r} (choose from {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def load(path_or_repo_id: str | os.PathLike, dtype: Optional[str] = None) -> tuple[Model, Processor]:
+    """Load a PaliGemma 1 or 2 checkpoint; compute in the checkpoint's dtype unless `dtype` is given."""
+    model_dir = resolve_model_dir(path_or_repo_id)
+    model = load_model(model_dir, dtype)
+    return model, Processor.from_dir(model_dir, model.config, to_array=mx.array)
+
+
+def load_model(model_dir: str | os.PathLike, dtype: Optional[str] = None) -> Model:
+    """The MLX model alone, from a local checkpoint directory."""
+    compute_dtype = parse_dtype(dtype)
+    config = load_config(model_dir)
+    ckpt = open_checkpoint(model_dir)
+    model = Model(config)
+
+    weights: dict[str, mx.array] = {}
+    for path in ckpt.files:
+        for name, array in mx.load(str(path)).items():
+            weights[canonical_key(name)] = array
+    weights = model.sanitize(weights)
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    check_tensors(ckpt, expected, {k: v.shape for k, v in weights.items()})
+
+    if compute_dtype is None:
+        compute_dtype = weights["language_model.embed_tokens.weight"].dtype
+    weights = {k: v.astype(compute_dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+               for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    del weights
+    mx.eval(model.parameters())
+    model.eval()
+    return model

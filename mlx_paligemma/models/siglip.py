@@ -1,0 +1,103 @@
+"""SigLIP vision tower (So400m in PaliGemma): patch conv, learned positions, pre-LN encoder.
+
+No CLS token and no pooling head: PaliGemma feeds every patch embedding to the projector.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import VisionConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.scale = (dim // self.num_heads) ** -0.5
+        self.q_proj = nn.Linear(dim, dim, bias=True)
+        self.k_proj = nn.Linear(dim, dim, bias=True)
+        self.v_proj = nn.Linear(dim, dim, bias=True)
+        self.out_proj = nn.Linear(dim, dim, bias=True)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, L, _ = x.shape
+        q, k, v = (proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(nn.gelu_approx(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.layers = [EncoderLayer(config) for _ in range(config.num_hidden_layers)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size,
+                                         kernel_size=config.patch_size, stride=config.patch_size, bias=True)
+        self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
+
+    def __call__(self, pixel_values_nhwc: mx.array) -> mx.array:
+        patches = self.patch_embedding(pixel_values_nhwc)            # (B, H/p, W/p, D), row-major patches
+        patches = patches.reshape(patches.shape[0], -1, patches.shape[-1])
+        return patches + self.position_embedding.weight
+
+
+class VisionModel(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.encoder = Encoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def __call__(self, pixel_values: mx.array) -> mx.array:
+        """(B, 3, H, W) pixels (channels first, as the processor makes them) -> (B, N, D)."""
+        dtype = self.embeddings.patch_embedding.weight.dtype
+        x = self.embeddings(pixel_values.transpose(0, 2, 3, 1).astype(dtype))
+        return self.post_layernorm(self.encoder(x))
+
+    def sanitize(self, weights: dict[str, mx.array], prefix: str) -> dict[str, mx.array]:
+        """PyTorch stores the patch conv as (O, I, kh, kw); MLX wants (O, kh, kw, I).
+
+        Checkpoints converted by mlx-vlm are already transposed, recognised by the last axis.
+        """
+        key = f"{prefix}embeddings.patch_embedding.weight"
+        w = weights.get(key)
+        if w is not None and w.ndim == 4 and w.shape[-1] != self.config.num_channels:
+            weights[key] = w.transpose(0, 2, 3, 1)
+        return weights

@@ -1,0 +1,179 @@
+"""Image + prompt -> model inputs, in numpy, for both backends.
+
+Matches transformers' PaliGemmaProcessor with the PIL image path: RGB (transparency composited
+on white), BICUBIC resize to the square model size, x/255, (x - mean)/std, channels first;
+tokens `[<image>] * N + [bos] + sp.encode(prompt + "\\n")`, then `sp.encode(suffix) + [eos]`
+with token_type_ids 1 for the suffix. Batches are left-padded so that generation can append
+tokens to every row at the same position.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .config import PaliGemmaConfig
+from .errors import ProcessorError
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+class Tokenizer:
+    """The checkpoint's sentencepiece model (Gemma: no dummy prefix, byte fallback)."""
+
+    def __init__(self, model_file: str | os.PathLike):
+        import sentencepiece as spm
+
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (OSError, RuntimeError) as e:
+            raise ProcessorError(f"{model_file}: not a readable sentencepiece model ({e})") from None
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        self.pad_id = max(self.sp.pad_id(), 0)
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+    def piece_to_id(self, piece: str) -> int:
+        return self.sp.piece_to_id(piece)
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """A path, PIL image or HWC/HW uint8 numpy array as a PIL image."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise ProcessorError(f"image array of shape {image.shape}: expected (H, W), (H, W, 3) or (H, W, 4)")
+        if image.dtype != np.uint8:
+            raise ProcessorError(f"image array of dtype {image.dtype}: expected uint8 (0..255)")
+        return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image).expanduser()
+        try:
+            img = Image.open(path)
+            img.load()
+            return img
+        except FileNotFoundError:
+            raise ProcessorError(f"{path}: image file not found") from None
+        except IsADirectoryError:
+            raise ProcessorError(f"{path}: is a directory, not an image") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ProcessorError(f"{path}: not a readable image ({e})") from None
+    raise ProcessorError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or a numpy array")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB as transformers makes it: transparency composited on white, 16-bit scaled to 8-bit."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # PIL's convert() clips 16-bit values at 255; scale the full range down instead.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8), mode="L")
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+class Processor:
+    """Turns images and prompts into `input_ids`, `attention_mask`, `token_type_ids`, `pixel_values`."""
+
+    def __init__(self, tokenizer: Tokenizer, config: PaliGemmaConfig, image_size: int | None = None,
+                 image_mean: Sequence[float] = (0.5, 0.5, 0.5), image_std: Sequence[float] = (0.5, 0.5, 0.5),
+                 rescale_factor: float = 1 / 255, to_array: Callable[[np.ndarray], Any] = lambda a: a):
+        self.tokenizer = tokenizer
+        self.image_token_id = config.image_token_id
+        self.num_image_tokens = config.num_image_tokens
+        self.image_size = image_size or config.vision_config.image_size
+        self.image_mean = np.asarray(image_mean, dtype=np.float32).reshape(3, 1, 1)
+        self.image_std = np.asarray(image_std, dtype=np.float32).reshape(3, 1, 1)
+        self.rescale_factor = rescale_factor
+        self.to_array = to_array
+
+    @classmethod
+    def from_dir(cls, model_dir: str | os.PathLike, config: PaliGemmaConfig,
+                 to_array: Callable[[np.ndarray], Any] = lambda a: a) -> "Processor":
+        model_dir = Path(model_dir)
+        tok_file = model_dir / "tokenizer.model"
+        if not tok_file.is_file():
+            raise ProcessorError(f"{tok_file}: not found (the checkpoint's sentencepiece tokenizer)")
+        kwargs: dict[str, Any] = {}
+        pre = model_dir / "preprocessor_config.json"
+        if pre.is_file():
+            try:
+                d = json.loads(pre.read_text())
+            except json.JSONDecodeError as e:
+                raise ProcessorError(f"{pre}: not valid JSON ({e})") from None
+            size = d.get("size") or {}
+            if isinstance(size, dict) and size.get("height"):
+                if size.get("height") != size.get("width"):
+                    raise ProcessorError(f"{pre}: size {size} is not square")
+                kwargs["image_size"] = int(size["height"])
+            if d.get("do_normalize", True):
+                kwargs["image_mean"] = d.get("image_mean", (0.5, 0.5, 0.5))
+                kwargs["image_std"] = d.get("image_std", (0.5, 0.5, 0.5))
+            else:
+                kwargs["image_mean"], kwargs["image_std"] = (0.0,) * 3, (1.0,) * 3
+            kwargs["rescale_factor"] = d.get("rescale_factor", 1 / 255) if d.get("do_rescale", True) else 1.0
+        if kwargs.get("image_size", config.vision_config.image_size) != config.vision_config.image_size:
+            raise ProcessorError(f"{pre}: image size {kwargs['image_size']} differs from the model's "
+                                 f"{config.vision_config.image_size}")
+        return cls(Tokenizer(tok_file), config, to_array=to_array, **kwargs)
+
+    # -- images -------------------------------------------------------------------------------
+    def preprocess_image(self, image: ImageInput) -> np.ndarray:
+        """(3, S, S) float32 in the model's normalised range."""
+        rgb = to_rgb(load_image(image))
+        rgb = rgb.resize((self.image_size, self.image_size), resample=Image.Resampling.BICUBIC)
+        x = (np.asarray(rgb, dtype=np.float64) * self.rescale_factor).astype(np.float32).transpose(2, 0, 1)
+        return (x - self.image_mean) / self.image_std
+
+    # -- text ---------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str, suffix: str | None = None) -> tuple[list[int], list[int]]:
+        """Token ids and token_type_ids of one row (prefix 0, suffix 1)."""
+        prefix = [self.image_token_id] * self.num_image_tokens + [self.tokenizer.bos_id]
+        prefix += self.tokenizer.encode(prompt + "\n")
+        ids, types = prefix, [0] * len(prefix)
+        if suffix is not None:
+            tail = self.tokenizer.encode(suffix) + [self.tokenizer.eos_id]
+            ids, types = ids + tail, types + [1] * len(tail)
+        return ids, types
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput], prompts: str | Sequence[str],
+                 suffixes: str | Sequence[str] | None = None) -> dict[str, Any]:
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if suffixes is not None:
+            suffixes = [suffixes] if isinstance(suffixes, str) else list(suffixes)
+            if len(suffixes) != len(prompts):
+                raise ProcessorError(f"{len(suffixes)} suffixes for {len(prompts)} prompts")
+        if len(images) != len(prompts):
+            raise ProcessorError(f"{len(images)} images for {len(prompts)} prompts: pass one image per prompt")
+        rows = [self.prompt_ids(p, suffixes[i] if suffixes is not None else None) for i, p in enumerate(prompts)]
+        length = max(len(ids) for ids, _ in rows)
+        input_ids = np.full((len(rows), length), self.tokenizer.pad_id, dtype=np.int32)
+        attention_mask = np.zeros((len(rows), length), dtype=np.int32)
+        token_type_ids = np.zeros((len(rows), length), dtype=np.int32)
+        for i, (ids, types) in enumerate(rows):  # left padding
+            input_ids[i, length - len(ids):] = ids
+            attention_mask[i, length - len(ids):] = 1
+            token_type_ids[i, length - len(ids):] = types
+        pixel_values = np.stack([self.preprocess_image(img) for img in images])
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask,
+                     token_type_ids=token_type_ids, pixel_values=pixel_values)
+        return {k: self.to_array(v) for k, v in batch.items()}
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
