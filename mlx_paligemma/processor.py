@@ -151,28 +151,31 @@ class Processor:
             ids, types = ids + tail, types + [1] * len(tail)
         return ids, types
 
-    def __call__(self, images: ImageInput | Sequence[ImageInput], prompts: str | Sequence[str],
-                 suffixes: str | Sequence[str] | None = None) -> dict[str, Any]:
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if suffixes is not None:
-            suffixes = [suffixes] if isinstance(suffixes, str) else list(suffixes)
-            if len(suffixes) != len(prompts):
-                raise ProcessorError(f"{len(suffixes)} suffixes for {len(prompts)} prompts")
-        if len(images) != len(prompts):
-            raise ProcessorError(f"{len(images)} images for {len(prompts)} prompts: pass one image per prompt")
+    def encode_prompts(self, prompts: Sequence[str], suffixes: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Left-padded `input_ids`, `attention_mask`, `token_type_ids` (numpy int32) for a batch of prompts."""
+        if suffixes is not None and len(suffixes) != len(prompts):
+            raise ProcessorError(f"{len(suffixes)} suffixes for {len(prompts)} prompts")
         rows = [self.prompt_ids(p, suffixes[i] if suffixes is not None else None) for i, p in enumerate(prompts)]
         length = max(len(ids) for ids, _ in rows)
         input_ids = np.full((len(rows), length), self.tokenizer.pad_id, dtype=np.int32)
         attention_mask = np.zeros((len(rows), length), dtype=np.int32)
         token_type_ids = np.zeros((len(rows), length), dtype=np.int32)
-        for i, (ids, types) in enumerate(rows):  # left padding
+        for i, (ids, types) in enumerate(rows):
             input_ids[i, length - len(ids):] = ids
             attention_mask[i, length - len(ids):] = 1
             token_type_ids[i, length - len(ids):] = types
-        pixel_values = np.stack([self.preprocess_image(img) for img in images])
-        batch = dict(input_ids=input_ids, attention_mask=attention_mask,
-                     token_type_ids=token_type_ids, pixel_values=pixel_values)
+        return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput], prompts: str | Sequence[str],
+                 suffixes: str | Sequence[str] | None = None) -> dict[str, Any]:
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if isinstance(suffixes, str):
+            suffixes = [suffixes]
+        if len(images) != len(prompts):
+            raise ProcessorError(f"{len(images)} images for {len(prompts)} prompts: pass one image per prompt")
+        batch = self.encode_prompts(prompts, suffixes)
+        batch["pixel_values"] = np.stack([self.preprocess_image(img) for img in images])
         return {k: self.to_array(v) for k, v in batch.items()}
 
     def decode(self, ids: Sequence[int]) -> str:

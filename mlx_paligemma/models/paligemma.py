@@ -12,6 +12,7 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from ..config import PaliGemmaConfig
 from ..errors import PaliGemmaError
@@ -31,27 +32,76 @@ class MultiModalProjector(nn.Module):
         return self.linear(x)
 
 
-def prefix_lm_masks(attention_mask: mx.array, token_type_ids: mx.array,
-                    sliding_window: Optional[int]) -> dict[str, Optional[mx.array]]:
-    """Boolean (B, 1, L, L) masks, True where a query may attend a key.
+def prefix_lm_masks(attention_mask: mx.array, token_type_ids: Optional[mx.array], sliding_window: Optional[int],
+                    query_positions: Optional[mx.array] = None,
+                    key_positions: Optional[mx.array] = None) -> dict[str, Optional[mx.array]]:
+    """Boolean (B, 1, Lq, Lk) masks, True where a query may attend a key.
 
-    The diagonal is always open so padded query rows never see an all-masked softmax (their
-    outputs are ignored; a NaN there would still poison nothing but is pointless work).
+    Without positions, queries and keys are the L input tokens. With a cache, `key_positions`
+    says which absolute position each cached slot holds (rotating caches reorder them) and
+    `attention_mask` covers every position so far; `token_type_ids` then describes the queries,
+    which after prefill are always suffix tokens (None). The diagonal, a token seeing itself,
+    is always open, so padded query rows never meet an all-masked softmax.
     """
     L = attention_mask.shape[1]
-    q = mx.arange(L)[:, None]
-    k = mx.arange(L)[None, :]
+    q = mx.arange(L) if query_positions is None else query_positions
+    k = mx.arange(L) if key_positions is None else key_positions
+    q, k = q[:, None], k[None, :]
     causal = k <= q
-    prefix = token_type_ids == 0
-    both_prefix = prefix[:, :, None] & prefix[:, None, :]                  # (B, L, L)
-    keep = attention_mask.astype(mx.bool_)[:, None, :]
+    keep = mx.take(attention_mask.astype(mx.bool_), k[0], axis=1)[:, None, :]     # (B, 1, Lk)
+    if token_type_ids is not None:
+        prefix = token_type_ids == 0
+        both_prefix = prefix[:, :, None] & prefix[:, None, :]                     # prefill: Lq == Lk
+    else:
+        both_prefix = mx.zeros((1, 1, 1), mx.bool_)
     diagonal = q == k
-    full = ((causal | both_prefix) & keep) | diagonal
-    masks = {"full": full[:, None], "sliding": None}
+    masks = {"full": (((causal | both_prefix) & keep) | diagonal)[:, None], "sliding": None}
     if sliding_window is not None:
         window = causal & (q - k < sliding_window)
         masks["sliding"] = (((window | both_prefix) & keep) | diagonal)[:, None]
     return masks
+
+
+class PrefixLMCache:
+    """mlx-lm KV caches for every layer, plus where each cached slot sits in the sequence.
+
+    Full-attention layers keep everything (`KVCache`); Gemma 2 sliding layers keep only the
+    window (`RotatingKVCache`), which reorders slots. Two tiny caches of positions, updated
+    exactly like the real ones, tell the mask which position each slot holds.
+    """
+
+    def __init__(self, model: "Model", attention_mask: mx.array):
+        cfg = model.config.text_config
+        self.window = cfg.sliding_window
+        self.layers = [RotatingKVCache(max_size=self.window) if cfg.is_sliding(i) else KVCache()
+                       for i in range(cfg.num_hidden_layers)]
+        self._positions = {"full": KVCache(), "sliding": RotatingKVCache(max_size=self.window) if self.window else None}
+        self.attention_mask = attention_mask                                      # (B, positions so far)
+
+    @property
+    def offset(self) -> int:
+        return self._positions["full"].offset
+
+    def masks(self, new_tokens: int, token_type_ids: Optional[mx.array]) -> dict[str, Optional[mx.array]]:
+        """Register `new_tokens` more positions and return the masks for them."""
+        B = self.attention_mask.shape[0]
+        if self.offset > 0:
+            self.attention_mask = mx.concatenate(
+                [self.attention_mask, mx.ones((B, new_tokens), self.attention_mask.dtype)], axis=1)
+        query = mx.arange(self.offset, self.offset + new_tokens)
+        p = query.astype(mx.float32).reshape(1, 1, -1, 1)
+        masks = {}
+        for kind, pos_cache in self._positions.items():
+            if pos_cache is None:
+                masks[kind] = None
+                continue
+            slots = pos_cache.update_and_fetch(p, p)[0].reshape(-1).astype(mx.int32)
+            masks[kind] = prefix_lm_masks(self.attention_mask, token_type_ids, self.window, query, slots)[kind]
+        return masks
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.layers)
 
 
 class Model(nn.Module):
@@ -111,6 +161,23 @@ class Model(nn.Module):
         h = self.embed_inputs(input_ids, features)
         masks = prefix_lm_masks(attention_mask, token_type_ids, self.config.text_config.sliding_window)
         return self.logits(self.language_model(h, masks, cache))
+
+    def make_cache(self, attention_mask: mx.array) -> PrefixLMCache:
+        return PrefixLMCache(self, mx.array(attention_mask))
+
+    def prefill(self, input_ids: mx.array, image_features: Optional[mx.array], cache: PrefixLMCache,
+                token_type_ids: Optional[mx.array] = None) -> mx.array:
+        """Run the prefix (image + prompt) bidirectionally into the cache; logits of the last position only."""
+        types = mx.zeros(input_ids.shape, mx.int32) if token_type_ids is None else token_type_ids
+        h = self.embed_inputs(input_ids, image_features)
+        hidden = self.language_model(h, cache.masks(input_ids.shape[1], types), cache.layers)
+        return self.logits(hidden[:, -1, :])
+
+    def decode_step(self, tokens: mx.array, cache: PrefixLMCache) -> mx.array:
+        """One causal (suffix) token per row: (B,) ids -> (B, vocab) logits."""
+        h = self.language_model.embed(tokens[:, None])
+        hidden = self.language_model(h, cache.masks(1, None), cache.layers)
+        return self.logits(hidden[:, -1, :])
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """The one place for checkpoint quirks once keys are canonical: buffers, tied head, conv layout."""

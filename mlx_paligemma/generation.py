@@ -1,0 +1,272 @@
+"""Text generation: one bidirectional prefill of image + prompt, then cached causal decoding.
+
+Backend-neutral: a small runner per backend (MLX here, PyTorch in `reference`) does encode /
+prefill / step; the loop, sampling (mlx-lm's samplers and logits processors) and streaming
+detokenisation are shared. Nothing here is module-level state: two models can generate in
+one process, and breaking out of `stream_generate` drops the cache with the generator.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .errors import PaliGemmaError
+from .processor import ImageInput, Processor, load_image
+from .tasks import Detection, answer_prompt, caption_prompt, detect_prompt, parse_detections
+
+
+@dataclass
+class ImageEmbedding:
+    """An image run through the vision tower once; pass it instead of an image to reuse it."""
+
+    features: Any                 # backend array (1, N, text hidden)
+    image_size: tuple[int, int]   # original (width, height), for mapping boxes back
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0            # per row, image tokens included
+    generation_tokens: int = 0        # per row, for the longest row
+    batch_size: int = 1
+    vision_time: float = 0.0          # seconds in the vision tower (0 when embeddings were reused)
+    prefill_time: float = 0.0
+    generation_time: float = 0.0
+    prefill_tps: float = 0.0          # prompt tokens per second, all rows
+    generation_tps: float = 0.0       # generated tokens per second, all rows
+    peak_memory_gb: float = 0.0
+
+
+@dataclass
+class GenerationChunk:
+    text: str                         # new text since the previous chunk of this row
+    token_id: int
+    row: int = 0
+    finish_reason: Optional[str] = None   # "stop" (eos) or "length" on a row's last chunk
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    image_size: tuple[int, int]
+    stats: GenerationStats
+
+
+class MLXRunner:
+    """Encode, prefill and step an MLX `Model` with its prefix-LM cache."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.cache = None
+
+    def encode_image(self, pixel_values: np.ndarray) -> mx.array:
+        features = self.model.encode_image(mx.array(pixel_values))
+        mx.eval(features)
+        return features
+
+    def prefill(self, input_ids: np.ndarray, features: mx.array, attention_mask: np.ndarray) -> mx.array:
+        self.cache = self.model.make_cache(mx.array(attention_mask))
+        return self.model.prefill(mx.array(input_ids), features, self.cache)
+
+    def step(self, tokens: mx.array) -> mx.array:
+        return self.model.decode_step(tokens, self.cache)
+
+    @staticmethod
+    def concat_features(features: Sequence[mx.array]) -> mx.array:
+        return mx.concatenate(list(features), axis=0)
+
+    @staticmethod
+    def peak_memory_gb() -> float:
+        return mx.get_peak_memory() / 1e9
+
+
+def _runner(model: Any):
+    if isinstance(model, nn.Module):
+        return MLXRunner(model)
+    from .reference.generation import TorchRunner
+
+    return TorchRunner(model)
+
+
+def encode_image(model: Any, processor: Processor, image: ImageInput) -> ImageEmbedding:
+    """Run the vision tower once; the result can be passed as `image` to many prompts."""
+    pil = load_image(image)
+    features = _runner(model).encode_image(processor.preprocess_image(pil)[None])
+    return ImageEmbedding(features, pil.size)
+
+
+class _Detokenizer:
+    """Incremental text of one row; holds back a partial UTF-8 character made of byte pieces."""
+
+    def __init__(self, processor: Processor):
+        self.processor, self.ids, self.emitted = processor, [], 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.processor.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.emitted = text[self.emitted:], len(text)
+        return new
+
+    def flush(self) -> str:
+        text = self.processor.decode(self.ids)
+        new, self.emitted = text[self.emitted:], len(text)
+        return new
+
+
+def _check_options(max_tokens: int, temperature: float, top_p: float, top_k: int,
+                   repetition_penalty: Optional[float]) -> None:
+    if max_tokens < 1:
+        raise PaliGemmaError(f"max_tokens: must be at least 1, got {max_tokens}")
+    if temperature < 0:
+        raise PaliGemmaError(f"temperature: must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise PaliGemmaError(f"top_p: must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise PaliGemmaError(f"top_k: must be >= 0, got {top_k}")
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise PaliGemmaError(f"repetition_penalty: must be > 0, got {repetition_penalty}")
+
+
+def _stream_batch(model: Any, processor: Processor, images: Sequence[Union[ImageInput, ImageEmbedding]],
+                  prompts: Sequence[str], max_tokens: int = 100, temperature: float = 0.0, top_p: float = 1.0,
+                  top_k: int = 0, repetition_penalty: Optional[float] = None,
+                  seed: Optional[int] = None) -> Iterator[GenerationChunk]:
+    _check_options(max_tokens, temperature, top_p, top_k, repetition_penalty)
+    if len(images) != len(prompts):
+        raise PaliGemmaError(f"{len(images)} images for {len(prompts)} prompts: pass one image per prompt")
+    runner = _runner(model)
+    stats = GenerationStats(batch_size=len(prompts))
+
+    # Vision: one batched pass over the images not embedded already.
+    tic = time.perf_counter()
+    raw = [i for i, image in enumerate(images) if not isinstance(image, ImageEmbedding)]
+    features: list[Any] = [None if i in raw else image.features for i, image in enumerate(images)]
+    if raw:
+        encoded = runner.encode_image(np.stack([processor.preprocess_image(images[i]) for i in raw]))
+        for j, i in enumerate(raw):
+            features[i] = encoded[j:j + 1]
+    stats.vision_time = time.perf_counter() - tic
+
+    batch = processor.encode_prompts(prompts)
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    stats.prompt_tokens = int(attention_mask.sum(axis=1).max())
+
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0, top_k=top_k)
+    processors = make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else []
+    B = len(prompts)
+    history = [mx.zeros((0,), mx.int32) for _ in range(B)]
+
+    def sample(logits: mx.array) -> mx.array:
+        if processors:
+            rows = []
+            for b in range(B):
+                row = logits[b:b + 1]
+                for proc in processors:
+                    row = proc(history[b], row)
+                rows.append(row)
+            logits = mx.concatenate(rows, axis=0)
+        tokens = sampler(logits.astype(mx.float32) if temperature > 0 else logits).astype(mx.int32)
+        for b in range(B):
+            history[b] = mx.concatenate([history[b], tokens[b:b + 1]])
+        return tokens
+
+    tic = time.perf_counter()
+    tokens = sample(runner.prefill(input_ids, runner.concat_features(features), attention_mask))
+    mx.async_eval(tokens)
+    eos = processor.tokenizer.eos_id
+    detok = [_Detokenizer(processor) for _ in range(B)]
+    done = [False] * B
+    gen_tic = None
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:              # queue the next step before reading this one
+            next_tokens = sample(runner.step(tokens))
+            mx.async_eval(next_tokens)
+        current = tokens.tolist()
+        if gen_tic is None:
+            gen_tic = time.perf_counter()
+            stats.prefill_time = gen_tic - tic
+            stats.prefill_tps = B * stats.prompt_tokens / max(stats.prefill_time, 1e-9)
+        stats.generation_tokens = n + 1
+        stats.generation_time = time.perf_counter() - gen_tic
+        stats.generation_tps = B * n / max(stats.generation_time, 1e-9) if n else 0.0
+        stats.peak_memory_gb = runner.peak_memory_gb()
+        for b, token in enumerate(current):
+            if done[b]:
+                continue
+            if token == eos:
+                done[b] = True
+                yield GenerationChunk(detok[b].flush(), token, b, "stop", stats)
+            elif n + 1 == max_tokens:
+                done[b] = True
+                text = detok[b].add(token)
+                yield GenerationChunk(text + detok[b].flush(), token, b, "length", stats)
+            else:
+                yield GenerationChunk(detok[b].add(token), token, b, None, stats)
+        if all(done):
+            break
+        tokens = next_tokens
+
+
+def stream_generate(model: Any, processor: Processor, image: Union[ImageInput, ImageEmbedding], prompt: str,
+                    **kwargs) -> Iterator[GenerationChunk]:
+    """Stream the answer to one prompt about one image, chunk by chunk (same options as `generate`)."""
+    return _stream_batch(model, processor, [image], [prompt], **kwargs)
+
+
+def generate(model: Any, processor: Processor,
+             image: Union[ImageInput, ImageEmbedding, Sequence[Union[ImageInput, ImageEmbedding]]],
+             prompt: Union[str, Sequence[str]], max_tokens: int = 100, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, repetition_penalty: Optional[float] = None,
+             seed: Optional[int] = None) -> Union[GenerationResult, list[GenerationResult]]:
+    """Answer a prompt about an image; lists of images and prompts run as one batch (a list back)."""
+    batched = not isinstance(prompt, str)
+    prompts = list(prompt) if batched else [prompt]
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    sizes = [im.image_size if isinstance(im, ImageEmbedding) else None for im in images]
+    pils = [im if isinstance(im, ImageEmbedding) else load_image(im) for im in images]
+    sizes = [s or p.size for s, p in zip(sizes, pils)]
+    ids: list[list[int]] = [[] for _ in prompts]
+    reasons = ["length"] * len(prompts)
+    stats = GenerationStats()
+    for chunk in _stream_batch(model, processor, pils, prompts, max_tokens=max_tokens, temperature=temperature,
+                               top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed):
+        stats = chunk.stats
+        if chunk.finish_reason == "stop":
+            reasons[chunk.row] = "stop"
+        else:
+            ids[chunk.row].append(chunk.token_id)
+    results = [GenerationResult(processor.decode(t), t, r, s, stats)
+               for t, r, s in zip(ids, reasons, sizes)]
+    return results if batched else results[0]
+
+
+def caption(model: Any, processor: Processor, image: Union[ImageInput, ImageEmbedding], lang: str = "en",
+            **kwargs) -> str:
+    """A caption in language `lang` (`caption en`)."""
+    return generate(model, processor, image, caption_prompt(lang), **kwargs).text
+
+
+def answer(model: Any, processor: Processor, image: Union[ImageInput, ImageEmbedding], question: str,
+           lang: str = "en", **kwargs) -> str:
+    """The answer to a question about the image (`answer en <question>`)."""
+    return generate(model, processor, image, answer_prompt(question, lang), **kwargs).text
+
+
+def detect(model: Any, processor: Processor, image: Union[ImageInput, ImageEmbedding],
+           labels: Union[str, Sequence[str]], **kwargs) -> list[Detection]:
+    """Boxes, in the original image's pixels, of the named kinds of object (`detect cat ; dog`)."""
+    result = generate(model, processor, image, detect_prompt(labels), **kwargs)
+    return parse_detections(result.text, result.image_size)

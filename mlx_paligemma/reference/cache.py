@@ -1,0 +1,89 @@
+"""KV cache of the PyTorch backend: the prefix prefilled once, then one token per decode step.
+
+Each layer keeps its keys and values in sequence order. Gemma 2 sliding layers keep only the
+last `sliding_window` positions once a call is done, which is all a later suffix token may
+see; during the prefill call they still see the whole prefix, which is bidirectional across
+the window in the reference. Because slots stay in order, the positions they hold follow
+from two numbers (how many positions so far, how many kept), so the mask needs no bookkeeping
+of its own, unlike a rotating buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..config import TextConfig
+from ..errors import PaliGemmaError
+
+
+class LayerCache:
+    """One layer's keys and values, (B, kv_heads, positions, head_dim); `window` bounds sliding layers."""
+
+    def __init__(self, window: Optional[int] = None):
+        self.window = window
+        self.keys: Optional[torch.Tensor] = None
+        self.values: Optional[torch.Tensor] = None
+        self.offset = 0                                  # positions seen so far (the RoPE offset)
+
+    def update_and_fetch(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this call's keys/values and return everything the call's queries may attend."""
+        self.offset += keys.shape[2]
+        if self.keys is not None:
+            keys = torch.cat([self.keys, keys], dim=2)
+            values = torch.cat([self.values, values], dim=2)
+        keep = keys.shape[2] if self.window is None else min(self.window, keys.shape[2])
+        self.keys, self.values = keys[:, :, -keep:], values[:, :, -keep:]
+        return keys, values
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
+
+
+class PrefixLMCache:
+    """Caches for every layer plus the attention mask of every position so far.
+
+    The first call is the prefill (any mix of prefix and suffix tokens, masked as in the full
+    forward); every later call appends suffix tokens, which attend causally.
+    """
+
+    def __init__(self, config: TextConfig):
+        self.window = config.sliding_window
+        self.layers = [LayerCache(self.window if config.is_sliding(i) else None)
+                       for i in range(config.num_hidden_layers)]
+        self.attention_mask: Optional[torch.Tensor] = None                  # (B, positions so far)
+
+    @property
+    def offset(self) -> int:
+        return 0 if self.attention_mask is None else self.attention_mask.shape[1]
+
+    def masks(self, attention_mask: torch.Tensor, token_type_ids: Optional[torch.Tensor]
+              ) -> dict[str, Optional[torch.Tensor]]:
+        """Register this call's tokens and return its (B, 1, new, keys) masks, keyed "full" / "sliding".
+
+        `attention_mask` covers this call's tokens only (earlier ones are remembered here);
+        `token_type_ids` only matters for the prefill: later tokens are suffix tokens.
+        """
+        from .paligemma import prefix_lm_masks
+
+        start, new = self.offset, attention_mask.shape[1]
+        if start and token_type_ids is not None and bool((token_type_ids == 0).any()):
+            raise PaliGemmaError("after the prefill, a cached call may only add suffix tokens "
+                                 "(token_type_ids 1): prefill the whole prefix in one call, since "
+                                 "prefix tokens attend to each other bidirectionally")
+        self.attention_mask = attention_mask if start == 0 else torch.cat([self.attention_mask, attention_mask], 1)
+        types = token_type_ids if start == 0 else None
+        device = attention_mask.device
+        query = torch.arange(start, start + new, device=device)
+        masks = prefix_lm_masks(self.attention_mask, types, self.window, query, torch.arange(start + new, device=device))
+        kept = min(start, self.window or 0)                       # sliding slots left from earlier calls
+        if self.window is not None and kept < start:
+            keys = torch.arange(start - kept, start + new, device=device)
+            masks["sliding"] = prefix_lm_masks(self.attention_mask, None, self.window, query, keys)["sliding"]
+        return masks
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.layers)

@@ -1,0 +1,143 @@
+"""Generation: greedy ids equal transformers' generate; streaming, sampling, batching, image reuse."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+
+import mlx_paligemma as mp
+from conftest import hf_model, noise_image
+
+NEW_TOKENS = 24
+PROMPTS = ["caption en", "answer en what is the small animal next to the blue door doing?"]
+
+
+def hf_greedy(model_dir, processor, image, prompt) -> list[int]:
+    """transformers' generate, greedy, called with token_type_ids; the new ids without <eos>."""
+    import torch
+
+    batch = {k: torch.from_numpy(np.asarray(v)) for k, v in processor(images=[image], prompts=[prompt]).items()}
+    with torch.no_grad():
+        out = hf_model(model_dir).generate(
+            input_ids=batch["input_ids"].long(), attention_mask=batch["attention_mask"].long(),
+            token_type_ids=batch["token_type_ids"].long(), pixel_values=batch["pixel_values"],
+            max_new_tokens=NEW_TOKENS, do_sample=False)
+    new = out[0, batch["input_ids"].shape[1]:].tolist()
+    eos = processor.tokenizer.eos_id
+    return new[:new.index(eos)] if eos in new else new
+
+
+@pytest.fixture(scope="module", params=["pg1", "pg2"])
+def gen_ckpt(request, tmp_path_factory):
+    """Checkpoints with weights scaled up so that greedy decoding wanders instead of repeating one token."""
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    version = 1 if request.param == "pg1" else 2
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("gen") / request.param, version=version,
+                                layout="hub" if version == 1 else "transformers", sliding_window=8,
+                                weight_scale=4.0, seed=7)
+
+
+@pytest.fixture(scope="module")
+def mlx_pair(gen_ckpt):
+    return mp.load(gen_ckpt)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_equals_transformers_generate(gen_ckpt, mlx_pair, prompt):
+    model, processor = mlx_pair
+    image = noise_image(64, 48, seed=len(prompt))
+    expected = hf_greedy(gen_ckpt, processor, image, prompt)
+    assert len(set(expected)) >= 6, f"the oracle's sequence is too repetitive to prove much: {expected}"
+    result = mp.generate(model, processor, image, prompt, max_tokens=NEW_TOKENS)
+    assert result.token_ids == expected
+    assert result.finish_reason == ("length" if len(expected) == NEW_TOKENS else "stop")
+
+
+def test_batch_equals_single_runs(mlx_pair):
+    model, processor = mlx_pair
+    images = [noise_image(64, 48, seed=1), noise_image(30, 90, seed=2)]
+    batch = mp.generate(model, processor, images, PROMPTS, max_tokens=NEW_TOKENS)
+    for image, prompt, result in zip(images, PROMPTS, batch):
+        single = mp.generate(model, processor, image, prompt, max_tokens=NEW_TOKENS)
+        assert result.token_ids == single.token_ids and result.text == single.text
+
+
+def test_stream_pieces_join_to_generate_text(mlx_pair):
+    model, processor = mlx_pair
+    image = noise_image(50, 50, seed=3)
+    chunks = list(mp.stream_generate(model, processor, image, "caption en", max_tokens=NEW_TOKENS))
+    result = mp.generate(model, processor, image, "caption en", max_tokens=NEW_TOKENS)
+    assert "".join(c.text for c in chunks) == result.text
+    assert chunks[-1].finish_reason in ("stop", "length")
+    assert chunks[-1].stats.prompt_tokens == processor.num_image_tokens + 1 + len(
+        processor.tokenizer.encode("caption en\n"))
+
+
+def test_seeded_sampling_is_reproducible(mlx_pair):
+    model, processor = mlx_pair
+    image = noise_image(40, 40, seed=4)
+    runs = [mp.generate(model, processor, image, "caption en", max_tokens=16, temperature=1.5, seed=s).token_ids
+            for s in (11, 11, 12)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_top_k_one_is_greedy(mlx_pair):
+    model, processor = mlx_pair
+    image = noise_image(40, 40, seed=5)
+    greedy = mp.generate(model, processor, image, "caption en", max_tokens=16)
+    sampled = mp.generate(model, processor, image, "caption en", max_tokens=16, temperature=2.0, top_k=1, seed=3)
+    assert sampled.token_ids == greedy.token_ids
+
+
+def test_repetition_penalty_changes_a_repetitive_answer(mlx_pair):
+    model, processor = mlx_pair
+    image = noise_image(40, 40, seed=6)
+    plain = mp.generate(model, processor, image, "caption en", max_tokens=NEW_TOKENS)
+    penalised = mp.generate(model, processor, image, "caption en", max_tokens=NEW_TOKENS, repetition_penalty=5.0)
+    repeats = lambda ids: len(ids) - len(set(ids))  # noqa: E731
+    assert repeats(penalised.token_ids) <= repeats(plain.token_ids)
+    assert penalised.token_ids != plain.token_ids
+
+
+def test_encoded_image_runs_vision_once(mlx_pair, monkeypatch):
+    model, processor = mlx_pair
+    image = noise_image(40, 40, seed=8)
+    calls = []
+    original = type(model.vision_tower).__call__
+    monkeypatch.setattr(type(model.vision_tower), "__call__", lambda self, x: calls.append(1) or original(self, x))
+    embedded = mp.encode_image(model, processor, image)
+    first = mp.generate(model, processor, embedded, "caption en", max_tokens=8)
+    second = mp.generate(model, processor, embedded, "answer en what is it?", max_tokens=8)
+    assert len(calls) == 1
+    assert first.token_ids == mp.generate(model, processor, image, "caption en", max_tokens=8).token_ids
+    assert second.image_size == (40, 40)
+
+
+def test_breaking_a_stream_releases_its_cache(mlx_pair, monkeypatch):
+    model, processor = mlx_pair
+    caches = []
+    make_cache = type(model).make_cache
+    monkeypatch.setattr(type(model), "make_cache",
+                        lambda self, mask: caches.append(weakref.ref(c := make_cache(self, mask))) or c)
+    for i, _ in enumerate(mp.stream_generate(model, processor, noise_image(20, 20), "caption en", max_tokens=50)):
+        if i == 2:
+            break
+    gc.collect()
+    assert len(caches) == 1 and caches[0]() is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_tokens=0), "max_tokens: must be at least 1"),
+    (dict(temperature=-1.0), "temperature: must be >= 0"),
+    (dict(top_p=0.0), "top_p: must be in"),
+    (dict(top_k=-2), "top_k: must be >= 0"),
+])
+def test_bad_options_are_clear_errors(mlx_pair, kwargs, message):
+    model, processor = mlx_pair
+    with pytest.raises(mp.PaliGemmaError, match=message):
+        mp.generate(model, processor, noise_image(20, 20), "caption en", **kwargs)
