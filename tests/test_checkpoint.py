@@ -190,10 +190,10 @@ def test_hub_id_offline_and_not_cached(tmp_path):
 
 
 def _http_error(cls, status):
-    import httpx
+    """The hub error as huggingface_hub raises it (the HTTP client differs across versions; fake its response)."""
+    from types import SimpleNamespace
 
-    response = httpx.Response(status, request=httpx.Request("GET", "https://huggingface.co/api/models/x"))
-    return cls("denied", response=response)
+    return cls("denied", response=SimpleNamespace(status_code=status, headers={}, request=None))
 
 
 @pytest.mark.parametrize("error, message", [

@@ -72,7 +72,7 @@ def test_rope_parameters_and_rope_theta_both_accepted():
     (lambda c: c["vision_config"].pop("patch_size"), "vision_config: required field 'patch_size' is missing"),
     (lambda c: c.pop("image_token_index"), "required field 'image_token_index' is missing"),
     (lambda c: c.pop("text_config"), "required section 'text_config' is missing"),
-    (lambda c: c["text_config"].update(num_key_value_heads=3), "not a multiple of num_key_value_heads"),
+    (lambda c: c["text_config"].update(num_key_value_heads=3), "text_config: num_attention_heads 8 is not a multiple of num_key_value_heads 3"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, mutate, message):
     cfg = json.loads(json.dumps(HUB_PG1))

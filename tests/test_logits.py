@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import mlx_paligemma as mp
-from conftest import hf_logits, noise_image
+from conftest import hf_logits, hf_model, noise_image
 
 FP32_TOL = 1e-4
 
@@ -93,7 +93,17 @@ def test_numpy_inputs_and_defaults(loaded):
 
 
 def test_bfloat16_agrees_on_top1(loaded, capsys):
-    """bf16 compute against the float32 oracle: the argmax must agree on >= 99% of positions."""
+    """bf16 compute against the float32 oracle.
+
+    Random tiny models have many near-ties (median top-1/top-2 gap 0.2-0.4 logits) and bf16
+    moves logits by up to ~0.12 here, so some argmaxes flip for transformers' own bf16 too
+    (measured: transformers bf16 vs fp32 97.5% (PaliGemma 1) and 94.6% (PaliGemma 2) of all
+    positions; ours 97.5% and 97.5%). So: >= 99% wherever the reference's top-1 leads by more
+    than 0.05 logits (~85-90% of positions; measured 100%), and overall no worse than
+    transformers' bf16 (minus 1%).
+    """
+    import torch
+
     ckpt_dir, _, processor = loaded
     model16, _ = mp.load(ckpt_dir, dtype="bfloat16")
     prompts = ["caption en", "answer en what colour is the car parked near the house?", "detect cat ; dog",
@@ -106,8 +116,22 @@ def test_bfloat16_agrees_on_top1(loaded, capsys):
     assert raw.dtype == mx.bfloat16, "activations must stay in bf16 (no silent float32 upcast)"
     ours = np.asarray(raw.astype(mx.float32))[mask]
     ref = hf_logits(ckpt_dir, as_numpy(batch))[mask]
-    agreement = (ours.argmax(-1) == ref.argmax(-1)).mean()
+    hf16 = hf_model(ckpt_dir, "bfloat16")
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+    with torch.no_grad():
+        theirs = hf16(input_ids=t["input_ids"].long(), pixel_values=t["pixel_values"].to(torch.bfloat16),
+                      attention_mask=t["attention_mask"].long(),
+                      token_type_ids=t["token_type_ids"].long()).logits.float().numpy()[mask]
+
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    decisive = top2[:, 1] - top2[:, 0] > 0.05
+    agree = ours.argmax(-1) == ref.argmax(-1)
+    their_agreement = (theirs.argmax(-1) == ref.argmax(-1)).mean()
     with capsys.disabled():
-        print(f"\n[bf16 {ckpt_dir.name}] max |diff| {np.abs(ours - ref).max():.4f}, "
-              f"top-1 agreement {agreement:.2%} over {len(ref)} positions")
-    assert agreement >= 0.99
+        print(f"\n[bf16 {ckpt_dir.name}] max |diff| {np.abs(ours - ref).max():.4f} "
+              f"(transformers bf16: {np.abs(theirs - ref).max():.4f}); top-1 agreement {agree.mean():.1%} "
+              f"(transformers bf16: {their_agreement:.1%}) over {len(ref)} positions, "
+              f"{agree[decisive].mean():.1%} over {decisive.sum()} decisive ones")
+    assert decisive.mean() > 0.7
+    assert agree[decisive].mean() >= 0.99
+    assert agree.mean() >= their_agreement - 0.01
