@@ -15,7 +15,6 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .errors import PaliGemmaError
 from .processor import ImageInput, Processor, load_image
@@ -161,6 +160,10 @@ def _stream_batch(model: Any, processor: Processor, images: Sequence[Union[Image
     batch = processor.encode_prompts(prompts)
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     stats.prompt_tokens = int(attention_mask.sum(axis=1).max())
+
+    # mlx-lm is imported here, not at the top: its package imports transformers (and torch),
+    # which would cost every `import mlx_paligemma` over a second.
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
     if seed is not None:
         mx.random.seed(seed)

@@ -19,9 +19,9 @@ LONG_SUFFIX = "a small grey cat sitting on a red mat next to two dogs and a bird
 
 @pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
 def loaded(request, tmp_path_factory):
-    model, processor = reference.load(tiny_checkpoint(tmp_path_factory, request.param), device="cpu",
-                                      dtype="float32")
-    return model, processor
+    ckpt = tiny_checkpoint(tmp_path_factory, request.param)
+    model, processor = reference.load(ckpt, device="cpu", dtype="float32")
+    return ckpt, model, processor
 
 
 def decode_step_by_step(model, batch, prefix_len: int) -> tuple[torch.Tensor, reference.PrefixLMCache]:
@@ -36,7 +36,7 @@ def decode_step_by_step(model, batch, prefix_len: int) -> tuple[torch.Tensor, re
 
 
 def test_prefill_then_decode_equals_full_forward(loaded):
-    model, processor = loaded
+    _, model, processor = loaded
     batch = processor(images=[noise_image(60, 40, seed=4)], prompts=["caption en"], suffixes=[LONG_SUFFIX])
     prefix_len = int((batch["token_type_ids"][0] == 0).sum())
     steps, cache = decode_step_by_step(model, batch, prefix_len)
@@ -45,7 +45,7 @@ def test_prefill_then_decode_equals_full_forward(loaded):
 
 
 def test_sliding_layers_keep_only_the_window_across_many_decode_steps(loaded):
-    model, processor = loaded
+    _, model, processor = loaded
     cfg = model.config.text_config
     batch = processor(images=[noise_image(50, 50, seed=5)], prompts=["describe en"], suffixes=[LONG_SUFFIX])
     prefix_len = int((batch["token_type_ids"][0] == 0).sum())
@@ -61,7 +61,7 @@ def test_sliding_layers_keep_only_the_window_across_many_decode_steps(loaded):
 
 def test_padded_batch_decodes_like_the_full_forward(loaded):
     """Left padding and rows whose prefixes end at different places: prefill up to the longest prefix."""
-    model, processor = loaded
+    _, model, processor = loaded
     batch = processor(images=[noise_image(70, 30, seed=6), noise_image(30, 70, seed=7)],
                       prompts=["caption en", "answer en how many dogs are on the sofa?"],
                       suffixes=[LONG_SUFFIX, "two"])
@@ -73,10 +73,38 @@ def test_padded_batch_decodes_like_the_full_forward(loaded):
 
 def test_prefix_tokens_after_the_prefill_are_refused(loaded):
     """The prefix is bidirectional: a second prefix chunk could not see the first one's future."""
-    model, processor = loaded
+    _, model, processor = loaded
     batch = processor(images=[noise_image(20, 20)], prompts=["caption en"])
     cache = model.make_cache()
     model(batch["input_ids"][:, :-2], batch["pixel_values"], token_type_ids=batch["token_type_ids"][:, :-2],
           cache=cache)
     with pytest.raises(PaliGemmaError, match="only add suffix tokens"):
         model(batch["input_ids"][:, -2:], token_type_ids=batch["token_type_ids"][:, -2:], cache=cache)
+
+
+def test_prefill_and_decode_step_match_the_full_forward(loaded):
+    """The generation entry points (mirroring the MLX Model's) return last-position logits only."""
+    _, model, processor = loaded
+    batch = processor(images=[noise_image(40, 40, seed=8)], prompts=["ocr"], suffixes=[LONG_SUFFIX])
+    full = model(**batch)
+    prefix_len = int((batch["token_type_ids"][0] == 0).sum())
+    ids = batch["input_ids"]
+    cache = model.make_cache()
+    first = model.prefill(ids[:, :prefix_len], model.encode_image(batch["pixel_values"]), cache,
+                          batch["attention_mask"][:, :prefix_len])
+    assert first.shape == (1, model.config.text_config.vocab_size)
+    assert max_diff(first, full[:, prefix_len - 1]) <= FP32_TOL
+    for t in range(prefix_len, ids.shape[1]):
+        assert max_diff(model.decode_step(ids[:, t], cache), full[:, t]) <= FP32_TOL
+
+
+def test_greedy_generation_matches_the_mlx_backend(loaded):
+    """The shared generation loop drives the reference through `reference.generation.TorchRunner`."""
+    import mlx_paligemma
+
+    ckpt, model, processor = loaded
+    mlx_model, mlx_processor = mlx_paligemma.load(ckpt)
+    image = noise_image(64, 48, seed=9)
+    ours = mlx_paligemma.generate(model, processor, image, "caption en", max_tokens=20)
+    theirs = mlx_paligemma.generate(mlx_model, mlx_processor, image, "caption en", max_tokens=20)
+    assert ours.token_ids == theirs.token_ids and len(ours.token_ids) > 8

@@ -45,3 +45,32 @@ def test_doctor_json_lists_the_environment_and_every_check():
     for backend in expected_backends():
         assert (backend, "sdpa") in checks and (backend, "tiny PaliGemma 2 forward") in checks
     assert all(c["status"] in ("PASS", "SKIP") for c in report["checks"])
+
+
+def load_doctor():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_backend", DOCTOR)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module            # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_doctor_exits_1_when_a_check_fails(monkeypatch, capsys):
+    doctor = load_doctor()
+    monkeypatch.setattr(doctor, "TOL_FP32", {"cpu": 0.0, "gpu": 0.0})   # no float32 matmul is that exact
+    assert doctor.main([]) == 1
+    out = capsys.readouterr().out
+    assert " FAIL " in out and out.rstrip().splitlines()[-1].startswith("FAIL")
+
+
+def test_bf16_cast_is_skipped_where_the_reference_falls_back_to_float16(monkeypatch):
+    """A Mac before macOS 14 has no bf16 on MPS: reported as SKIP, which does not fail the doctor."""
+    from mlx_paligemma.reference import device
+
+    doctor = load_doctor()
+    monkeypatch.setattr(device, "supports_bf16", lambda _device: False)
+    results = {r.check: r for r in doctor.op_checks(doctor.TorchBackend("cpu"))}
+    assert results["cast bfloat16"].status == "SKIP"
+    assert results["cast float16"].status == "PASS"

@@ -12,7 +12,6 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from ..config import PaliGemmaConfig
 from ..errors import PaliGemmaError
@@ -71,6 +70,9 @@ class PrefixLMCache:
     """
 
     def __init__(self, model: "Model", attention_mask: mx.array):
+        # Imported on first use: mlx-lm's package import pulls in transformers and torch.
+        from mlx_lm.models.cache import KVCache, RotatingKVCache
+
         cfg = model.config.text_config
         self.window = cfg.sliding_window
         self.layers = [RotatingKVCache(max_size=self.window) if cfg.is_sliding(i) else KVCache()

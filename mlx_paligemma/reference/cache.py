@@ -33,8 +33,10 @@ class LayerCache:
         if self.keys is not None:
             keys = torch.cat([self.keys, keys], dim=2)
             values = torch.cat([self.values, values], dim=2)
-        keep = keys.shape[2] if self.window is None else min(self.window, keys.shape[2])
-        self.keys, self.values = keys[:, :, -keep:], values[:, :, -keep:]
+        self.keys, self.values = keys, values
+        if self.window is not None and keys.shape[2] > self.window:
+            # A copy, not a view: a view would keep the whole prefill alive.
+            self.keys, self.values = keys[:, :, -self.window:].clone(), values[:, :, -self.window:].clone()
         return keys, values
 
     @property
@@ -66,7 +68,7 @@ class PrefixLMCache:
         `attention_mask` covers this call's tokens only (earlier ones are remembered here);
         `token_type_ids` only matters for the prefill: later tokens are suffix tokens.
         """
-        from .paligemma import prefix_lm_masks
+        from .paligemma import prefix_lm_masks  # here, not at the top: paligemma imports this module
 
         start, new = self.offset, attention_mask.shape[1]
         if start and token_type_ids is not None and bool((token_type_ids == 0).any()):
@@ -77,7 +79,8 @@ class PrefixLMCache:
         types = token_type_ids if start == 0 else None
         device = attention_mask.device
         query = torch.arange(start, start + new, device=device)
-        masks = prefix_lm_masks(self.attention_mask, types, self.window, query, torch.arange(start + new, device=device))
+        every = torch.arange(start + new, device=device)
+        masks = prefix_lm_masks(self.attention_mask, types, self.window, query, every)
         kept = min(start, self.window or 0)                       # sliding slots left from earlier calls
         if self.window is not None and kept < start:
             keys = torch.arange(start - kept, start + new, device=device)

@@ -132,8 +132,8 @@ def choose_dtype(dtype: torch.dtype, device: torch.device, *, bf16: Optional[boo
         bf16 = supports_bf16(device) if bf16 is None else bf16
         if not bf16:
             need = "macOS 14 or newer" if device.type == "mps" else "a GPU of compute capability 8.0 or newer"
-            logger.warning("bfloat16 on %s needs %s: computing in float16 instead (wider rounding, "
-                           "narrower range)", device, need)
+            logger.warning("bfloat16 on %s needs %s: computing in float16 instead (a narrower range: "
+                           "use dtype='float32' if logits overflow to inf/nan)", device, need)
             return torch.float16
     return dtype
 
@@ -146,14 +146,19 @@ def warn_if_env_too_late(device: torch.device) -> None:
                        "export PYTORCH_ENABLE_MPS_FALLBACK=1 in the shell to enable the CPU fallback")
 
 
-def as_tensor(x: Any, device: torch.device) -> Any:
+def as_tensor(x: Any, device: torch.device) -> torch.Tensor:
     """numpy or torch -> torch on `device`: integers as int64, float64 never sent to MPS."""
+    return host_tensor(x, device).to(device)
+
+
+def host_tensor(x: Any, device: torch.device) -> torch.Tensor:
+    """The tensor `as_tensor` sends to `device`, before it is sent (split out to be testable off a Mac)."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
     elif not isinstance(x, torch.Tensor):
         x = torch.as_tensor(np.asarray(x))
     if x.dtype == torch.float64 and device.type == "mps":
-        x = x.float()
-    elif not x.is_floating_point() and x.dtype != torch.bool:
-        x = x.long()
-    return x.to(device)
+        return x.float()
+    if not x.is_floating_point() and x.dtype != torch.bool:
+        return x.long()
+    return x

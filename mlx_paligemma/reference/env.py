@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import MutableMapping
 
 #: Unsupported MPS ops run on the CPU instead of raising NotImplementedError (slower, but a
 #: reference run finishes); a hard allocation limit at 70% of the GPU's recommended working
@@ -44,7 +45,7 @@ def low_watermark_for(high: str) -> str | None:
     return f"{value * LOW_OVER_HIGH:.2f}"
 
 
-def apply_mps_env(environ: "os._Environ[str] | dict[str, str]" = os.environ) -> dict[str, str]:
+def apply_mps_env(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
     """Set the MPS defaults that are not already set; return what was set."""
     applied = {}
     for key, value in MPS_ENV_DEFAULTS.items():

@@ -73,7 +73,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
         self.rope = RoPE(self.head_dim, base=config.rope_theta)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, cache: Optional[Any] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                cache: Optional[Any] = None) -> torch.Tensor:
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, -1).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, -1).transpose(1, 2)
@@ -126,7 +127,8 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(dim, eps)
             self.post_feedforward_layernorm = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, cache: Optional[Any] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                cache: Optional[Any] = None) -> torch.Tensor:
         r = self.self_attn(self.input_layernorm(x), mask, cache)
         if not self.is_gemma2:
             h = x + r

@@ -121,6 +121,23 @@ class Model(nn.Module):
         append suffix tokens; `attention_mask` then covers this call's tokens only, and the
         logits equal those of the full forward at the same positions.
         """
+        features = self.encode_image(pixel_values) if pixel_values is not None else None
+        return self.logits(self._hidden(input_ids, features, attention_mask, token_type_ids, cache))
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: Any, image_features: Optional[torch.Tensor], cache: PrefixLMCache,
+                attention_mask: Any = None, token_type_ids: Any = None) -> torch.Tensor:
+        """Run the prefix (image + prompt) bidirectionally into the cache; logits of the last position only."""
+        return self.logits(self._hidden(input_ids, image_features, attention_mask, token_type_ids, cache)[:, -1])
+
+    @torch.inference_mode()
+    def decode_step(self, tokens: Any, cache: PrefixLMCache) -> torch.Tensor:
+        """One causal (suffix) token per row: (B,) ids -> (B, vocab) logits."""
+        tokens = as_tensor(tokens, self.device).reshape(-1, 1)
+        return self.logits(self._hidden(tokens, None, None, None, cache)[:, -1])
+
+    def _hidden(self, input_ids: Any, features: Optional[torch.Tensor], attention_mask: Any,
+                token_type_ids: Any, cache: Optional[PrefixLMCache]) -> torch.Tensor:
         input_ids = self._rows(input_ids, "input_ids")
         attention_mask = (torch.ones_like(input_ids) if attention_mask is None
                           else self._rows(attention_mask, "attention_mask", input_ids.shape))
@@ -128,13 +145,12 @@ class Model(nn.Module):
             token_type_ids = self._rows(token_type_ids, "token_type_ids", input_ids.shape)
         elif cache is None or cache.offset == 0:
             token_type_ids = torch.zeros_like(input_ids)
-        features = self.encode_image(pixel_values) if pixel_values is not None else None
         h = self.embed_inputs(input_ids, features)
         if cache is None:
             masks = prefix_lm_masks(attention_mask, token_type_ids, self.config.text_config.sliding_window)
         else:
             masks = cache.masks(attention_mask, token_type_ids)
-        return self.logits(self.language_model(h, masks, cache.layers if cache is not None else None))
+        return self.language_model(h, masks, cache.layers if cache is not None else None)
 
     def _rows(self, x: Any, name: str, shape: Optional[torch.Size] = None) -> torch.Tensor:
         """A (B, L) tensor on the model's device; one row may be given as (L,)."""
