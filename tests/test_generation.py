@@ -51,9 +51,19 @@ def mlx_pair(gen_ckpt):
     return mp.load(gen_ckpt)
 
 
+@pytest.fixture(scope="module", params=["mlx", "torch"])
+def any_backend(request, gen_ckpt, mlx_pair):
+    """The same checkpoint on either backend: the generation functions must not care."""
+    if request.param == "mlx":
+        return mlx_pair
+    from mlx_paligemma import reference
+
+    return reference.load(gen_ckpt, device="cpu")
+
+
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_equals_transformers_generate(gen_ckpt, mlx_pair, prompt):
-    model, processor = mlx_pair
+def test_greedy_equals_transformers_generate(gen_ckpt, any_backend, prompt):
+    model, processor = any_backend
     image = noise_image(64, 48, seed=len(prompt))
     expected = hf_greedy(gen_ckpt, processor, image, prompt)
     assert len(set(expected)) >= 6, f"the oracle's sequence is too repetitive to prove much: {expected}"
@@ -62,8 +72,8 @@ def test_greedy_equals_transformers_generate(gen_ckpt, mlx_pair, prompt):
     assert result.finish_reason == ("length" if len(expected) == NEW_TOKENS else "stop")
 
 
-def test_batch_equals_single_runs(mlx_pair):
-    model, processor = mlx_pair
+def test_batch_equals_single_runs(any_backend):
+    model, processor = any_backend
     images = [noise_image(64, 48, seed=1), noise_image(30, 90, seed=2)]
     batch = mp.generate(model, processor, images, PROMPTS, max_tokens=NEW_TOKENS)
     for image, prompt, result in zip(images, PROMPTS, batch):
@@ -107,6 +117,16 @@ def test_repetition_penalty_changes_a_repetitive_answer(mlx_pair):
     repeats = lambda ids: len(ids) - len(set(ids))  # noqa: E731
     assert repeats(penalised.token_ids) <= repeats(plain.token_ids)
     assert penalised.token_ids != plain.token_ids
+
+
+def test_encoded_image_is_reused_on_the_torch_backend(gen_ckpt):
+    from mlx_paligemma import reference
+
+    model, processor = reference.load(gen_ckpt, device="cpu")
+    image = noise_image(40, 40, seed=8)
+    embedded = mp.encode_image(model, processor, image)
+    assert mp.generate(model, processor, embedded, "caption en", max_tokens=8).token_ids == \
+        mp.generate(model, processor, image, "caption en", max_tokens=8).token_ids
 
 
 def test_encoded_image_runs_vision_once(mlx_pair, monkeypatch):
