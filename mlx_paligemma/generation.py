@@ -182,8 +182,9 @@ def _stream_batch(model: Any, processor: Processor, images: Sequence[Union[Image
                 rows.append(row)
             logits = mx.concatenate(rows, axis=0)
         tokens = sampler(logits.astype(mx.float32) if temperature > 0 else logits).astype(mx.int32)
-        for b in range(B):
-            history[b] = mx.concatenate([history[b], tokens[b:b + 1]])
+        if processors:
+            for b in range(B):
+                history[b] = mx.concatenate([history[b], tokens[b:b + 1]])
         return tokens
 
     tic = time.perf_counter()
