@@ -159,6 +159,18 @@ def open_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     return ckpt
 
 
+# Buffers some exporters save that are not weights.
+NON_WEIGHT_SUFFIXES = (".position_ids", ".rotary_emb.inv_freq")
+
+
+def drop_non_weights(weights: dict, tie_word_embeddings: bool) -> dict:
+    """Backend-independent sanitizing: drop saved buffers, and a stored copy of a tied LM head."""
+    weights = {k: v for k, v in weights.items() if not k.endswith(NON_WEIGHT_SUFFIXES)}
+    if tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    return weights
+
+
 def check_tensors(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]],
                   found: dict[str, tuple[int, ...]]) -> None:
     """Strict load: every missing, unexpected or mis-shaped tensor is an error naming key and file.

@@ -13,13 +13,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..checkpoint import drop_non_weights
 from ..config import PaliGemmaConfig
 from ..errors import PaliGemmaError
 from .gemma import LanguageModel
 from .siglip import VisionModel
-
-# Buffers some exporters save that are not weights.
-_NON_WEIGHT_SUFFIXES = (".position_ids", ".rotary_emb.inv_freq")
 
 
 class MultiModalProjector(nn.Module):
@@ -183,7 +181,5 @@ class Model(nn.Module):
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """The one place for checkpoint quirks once keys are canonical: buffers, tied head, conv layout."""
-        weights = {k: v for k, v in weights.items() if not k.endswith(_NON_WEIGHT_SUFFIXES)}
-        if self.config.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
+        weights = drop_non_weights(weights, self.config.tie_word_embeddings)
         return self.vision_tower.sanitize(weights, prefix="vision_tower.")

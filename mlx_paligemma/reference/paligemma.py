@@ -12,15 +12,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..checkpoint import drop_non_weights
 from ..config import PaliGemmaConfig
 from ..errors import PaliGemmaError
 from .cache import PrefixLMCache
 from .device import as_tensor
 from .gemma import LanguageModel
 from .siglip import VisionModel
-
-# Buffers some exporters save that are not weights.
-_NON_WEIGHT_SUFFIXES = (".position_ids", ".rotary_emb.inv_freq")
 
 
 class MultiModalProjector(nn.Module):
@@ -166,7 +164,5 @@ class Model(nn.Module):
 
     def sanitize(self, weights: dict[str, Any]) -> dict[str, Any]:
         """The one place for checkpoint quirks once keys are canonical: buffers, tied head, conv layout."""
-        weights = {k: v for k, v in weights.items() if not k.endswith(_NON_WEIGHT_SUFFIXES)}
-        if self.config.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
+        weights = drop_non_weights(weights, self.config.tie_word_embeddings)
         return self.vision_tower.sanitize(weights, prefix="vision_tower.")
