@@ -166,3 +166,16 @@ def test_bad_options_are_clear_errors(mlx_pair, kwargs, message):
     model, processor = mlx_pair
     with pytest.raises(mp.PaliGemmaError, match=message):
         mp.generate(model, processor, noise_image(20, 20), "caption en", **kwargs)
+
+
+def test_bf16_activations_and_cache_stay_bf16(gen_ckpt):
+    """No silent float32 upcast: on Metal, bf16 activations and KV cache are the fast path."""
+    import mlx.core as mx
+
+    model, processor = mp.load(gen_ckpt, dtype="bfloat16")
+    batch = processor(images=[noise_image(30, 30)], prompts=["caption en"])
+    cache = model.make_cache(batch["attention_mask"])
+    logits = model.prefill(batch["input_ids"], model.encode_image(batch["pixel_values"]), cache)
+    step = model.decode_step(mx.argmax(logits, axis=-1).astype(mx.int32), cache)
+    assert logits.dtype == step.dtype == mx.bfloat16 and logits.shape[0] == 1 and logits.ndim == 2
+    assert all(layer.keys.dtype == layer.values.dtype == mx.bfloat16 for layer in cache.layers)
