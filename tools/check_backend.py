@@ -103,9 +103,9 @@ def torch_installed() -> bool:
 def torch_info() -> dict[str, str]:
     if not torch_installed():
         return {"torch": "not installed: the PyTorch reference backend is unavailable (pip install torch)"}
-    import torch
+    from mlx_paligemma.reference import choose_device, env  # first: it sets the MPS variables, then imports torch
 
-    from mlx_paligemma.reference import choose_device, env
+    import torch
 
     cuda = torch.cuda.is_available()
     names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else ""
