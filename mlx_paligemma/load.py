@@ -50,11 +50,13 @@ def load_model(model_dir: str | os.PathLike, dtype: Optional[str] = None) -> Mod
         for name, array in mx.load(str(path)).items():
             weights[canonical_key(name)] = array
     weights = model.sanitize(weights)
+    if config.quantization:
+        _quantize_like(model, config.quantization, weights, model_dir)
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     check_tensors(ckpt, expected, {k: v.shape for k, v in weights.items()})
 
-    if compute_dtype is None:
-        compute_dtype = weights["language_model.embed_tokens.weight"].dtype
+    if compute_dtype is None:   # the norm weight is float in float and quantized checkpoints alike
+        compute_dtype = weights["language_model.norm.weight"].dtype
     weights = {k: v.astype(compute_dtype) if mx.issubdtype(v.dtype, mx.floating) else v
                for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
@@ -62,3 +64,16 @@ def load_model(model_dir: str | os.PathLike, dtype: Optional[str] = None) -> Mod
     mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def _quantize_like(model: Model, quantization: dict, weights: dict[str, mx.array], model_dir) -> None:
+    """Turn exactly the layers the checkpoint stores quantized (those with `.scales`) into quantized
+    layers before loading, so no float copy of them is ever built. Works for our files and for
+    mlx-vlm's (mlx-community) alike, whichever layers they chose to quantize."""
+    try:
+        group_size, bits = int(quantization["group_size"]), int(quantization["bits"])
+    except (KeyError, TypeError, ValueError):
+        raise PaliGemmaError(f"{model_dir}/config.json: malformed 'quantization' entry {quantization!r} "
+                             f"(expected group_size and bits)") from None
+    nn.quantize(model, group_size=group_size, bits=bits,
+                class_predicate=lambda path, module: f"{path}.scales" in weights)

@@ -48,6 +48,50 @@ class Tokenizer:
         return self.sp.piece_to_id(piece)
 
 
+class JsonTokenizer:
+    """The same interface read from `tokenizer.json` (the `tokenizers` library), for checkpoints
+    that ship no sentencepiece model, such as those mlx-vlm converts (mlx-community)."""
+
+    def __init__(self, model_dir: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = model_dir / "tokenizer.json"
+        try:
+            self.tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed files
+            raise ProcessorError(f"{path}: not a readable tokenizer.json ({e})") from None
+        special = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            f = model_dir / name
+            if f.is_file():
+                try:
+                    special = {**json.loads(f.read_text()), **special}
+                except json.JSONDecodeError as e:
+                    raise ProcessorError(f"{f}: not valid JSON ({e})") from None
+
+        def token_id(role: str, default: str) -> int:
+            token = special.get(f"{role}_token", default)
+            token = token.get("content", default) if isinstance(token, dict) else token
+            found = self.tok.token_to_id(token)
+            if found is None:
+                raise ProcessorError(f"{path}: has no {role} token {token!r}")
+            return found
+
+        self.bos_id, self.eos_id = token_id("bos", "<bos>"), token_id("eos", "<eos>")
+        self.pad_id = token_id("pad", "<pad>")
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def piece_to_id(self, piece: str) -> int:
+        found = self.tok.token_to_id(piece)
+        return -1 if found is None else found
+
+
 def load_image(image: ImageInput) -> Image.Image:
     """A path, PIL image or HWC/HW uint8 numpy array as a PIL image."""
     if isinstance(image, Image.Image):
@@ -90,7 +134,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 class Processor:
     """Turns images and prompts into `input_ids`, `attention_mask`, `token_type_ids`, `pixel_values`."""
 
-    def __init__(self, tokenizer: Tokenizer, config: PaliGemmaConfig, image_size: int | None = None,
+    def __init__(self, tokenizer: "Tokenizer | JsonTokenizer", config: PaliGemmaConfig, image_size: int | None = None,
                  image_mean: Sequence[float] = (0.5, 0.5, 0.5), image_std: Sequence[float] = (0.5, 0.5, 0.5),
                  rescale_factor: float = 1 / 255, to_array: Callable[[np.ndarray], Any] = lambda a: a):
         self.tokenizer = tokenizer
@@ -107,8 +151,12 @@ class Processor:
                  to_array: Callable[[np.ndarray], Any] = lambda a: a) -> "Processor":
         model_dir = Path(model_dir)
         tok_file = model_dir / "tokenizer.model"
-        if not tok_file.is_file():
-            raise ProcessorError(f"{tok_file}: not found (the checkpoint's sentencepiece tokenizer)")
+        if tok_file.is_file():
+            tokenizer: Tokenizer | JsonTokenizer = Tokenizer(tok_file)
+        elif (model_dir / "tokenizer.json").is_file():
+            tokenizer = JsonTokenizer(model_dir)
+        else:
+            raise ProcessorError(f"{model_dir}: no tokenizer.model or tokenizer.json (the checkpoint's tokenizer)")
         kwargs: dict[str, Any] = {}
         pre = model_dir / "preprocessor_config.json"
         if pre.is_file():
@@ -130,7 +178,7 @@ class Processor:
         if kwargs.get("image_size", config.vision_config.image_size) != config.vision_config.image_size:
             raise ProcessorError(f"{pre}: image size {kwargs['image_size']} differs from the model's "
                                  f"{config.vision_config.image_size}")
-        return cls(Tokenizer(tok_file), config, to_array=to_array, **kwargs)
+        return cls(tokenizer, config, to_array=to_array, **kwargs)
 
     # -- images -------------------------------------------------------------------------------
     def preprocess_image(self, image: ImageInput) -> np.ndarray:
