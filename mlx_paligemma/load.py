@@ -72,8 +72,11 @@ def _quantize_like(model: Model, quantization: dict, weights: dict[str, mx.array
     mlx-vlm's (mlx-community) alike, whichever layers they chose to quantize."""
     try:
         group_size, bits = int(quantization["group_size"]), int(quantization["bits"])
+        mode = str(quantization.get("mode", "affine"))
     except (KeyError, TypeError, ValueError):
         raise PaliGemmaError(f"{model_dir}/config.json: malformed 'quantization' entry {quantization!r} "
                              f"(expected group_size and bits)") from None
+    if mode != "affine":
+        raise PaliGemmaError(f"{model_dir}/config.json: quantization mode {mode!r} is not supported (affine only)")
     nn.quantize(model, group_size=group_size, bits=bits,
                 class_predicate=lambda path, module: f"{path}.scales" in weights)
