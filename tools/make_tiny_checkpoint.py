@@ -594,3 +594,117 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- full-size preset (benchmarks) -------------------------------------------------------------------------
+
+PALIGEMMA_3B = dict(
+    vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                patch_size=14),
+    text=dict(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
+              num_key_value_heads=1, head_dim=256, vocab_size=257216),
+    image_token_index=257152,
+)
+
+
+def _paligemma_3b_shapes(image_size: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor of google/paligemma-3b-pt-224 (hub layout), by name."""
+    v, t = PALIGEMMA_3B["vision"], PALIGEMMA_3B["text"]
+    d, p = v["hidden_size"], v["patch_size"]
+    shapes = {
+        "vision_tower.vision_model.embeddings.patch_embedding.weight": (d, 3, p, p),
+        "vision_tower.vision_model.embeddings.patch_embedding.bias": (d,),
+        "vision_tower.vision_model.embeddings.position_embedding.weight": ((image_size // p) ** 2, d),
+        "vision_tower.vision_model.post_layernorm.weight": (d,),
+        "vision_tower.vision_model.post_layernorm.bias": (d,),
+        "multi_modal_projector.linear.weight": (t["hidden_size"], d),
+        "multi_modal_projector.linear.bias": (t["hidden_size"],),
+        "language_model.model.embed_tokens.weight": (t["vocab_size"], t["hidden_size"]),
+        "language_model.model.norm.weight": (t["hidden_size"],),
+    }
+    for i in range(v["num_hidden_layers"]):
+        pre = f"vision_tower.vision_model.encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[f"{pre}self_attn.{proj}.weight"], shapes[f"{pre}self_attn.{proj}.bias"] = (d, d), (d,)
+        shapes[f"{pre}mlp.fc1.weight"], shapes[f"{pre}mlp.fc1.bias"] = (v["intermediate_size"], d), (v["intermediate_size"],)
+        shapes[f"{pre}mlp.fc2.weight"], shapes[f"{pre}mlp.fc2.bias"] = (d, v["intermediate_size"]), (d,)
+        for norm in ("layer_norm1", "layer_norm2"):
+            shapes[f"{pre}{norm}.weight"], shapes[f"{pre}{norm}.bias"] = (d,), (d,)
+    h, q, kv = t["hidden_size"], t["num_attention_heads"] * t["head_dim"], t["num_key_value_heads"] * t["head_dim"]
+    for i in range(t["num_hidden_layers"]):
+        pre = f"language_model.model.layers.{i}."
+        shapes.update({
+            f"{pre}self_attn.q_proj.weight": (q, h), f"{pre}self_attn.k_proj.weight": (kv, h),
+            f"{pre}self_attn.v_proj.weight": (kv, h), f"{pre}self_attn.o_proj.weight": (h, q),
+            f"{pre}mlp.gate_proj.weight": (t["intermediate_size"], h),
+            f"{pre}mlp.up_proj.weight": (t["intermediate_size"], h),
+            f"{pre}mlp.down_proj.weight": (h, t["intermediate_size"]),
+            f"{pre}input_layernorm.weight": (h,), f"{pre}post_attention_layernorm.weight": (h,),
+        })
+    return shapes
+
+
+def make_paligemma_3b_checkpoint(out_dir, *, dtype: str = "bfloat16", seed: int = 0, image_size: int = 224,
+                                 shard_bytes: int = 2 * 1024 ** 3) -> Path:
+    """A random checkpoint with the exact shapes of google/paligemma-3b-pt-224, for benchmarks.
+
+    Written tensor by tensor into shards of at most `shard_bytes`, so memory stays at about one
+    shard (the full model is ~5.9 GB in bf16). The tiny tokenizer is reused: ids past its
+    vocabulary are unused embedding rows, and `image_token_index` is the real 257152 (our
+    processor takes it from config.json; transformers' processor would not match it).
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    shapes = _paligemma_3b_shapes(image_size)
+    _write_processor(out_dir, image_size, (image_size // PALIGEMMA_3B["vision"]["patch_size"]) ** 2)
+
+    def random_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if len(shape) == 1:   # SigLIP LayerNorm weights around 1; biases and Gemma's (1 + w) norms around 0
+            is_layer_norm = name.startswith("vision_tower.") and "norm" in name and name.endswith(".weight")
+            mean = 1.0 if is_layer_norm else 0.0
+            return (torch.randn(shape, generator=generator) * 0.1 + mean).to(DTYPES[dtype])
+        fan_in = math.prod(shape[1:])
+        return (torch.randn(shape, generator=generator) / math.sqrt(fan_in)).to(DTYPES[dtype])
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    itemsize = torch.finfo(DTYPES[dtype]).bits // 8
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    weight_map = {}
+    for index, names in enumerate(shards):
+        file_name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({name: random_tensor(name, shapes[name]) for name in names}, out_dir / file_name,
+                  metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file_name))
+    total = sum(math.prod(s) for s in shapes.values()) * itemsize
+    _write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    v, t = PALIGEMMA_3B["vision"], PALIGEMMA_3B["text"]
+    num_image_tokens = (image_size // v["patch_size"]) ** 2
+    _write_json(out_dir / "config.json", {
+        "architectures": ["PaliGemmaForConditionalGeneration"], "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+        "hidden_size": 2048, "ignore_index": -100, "image_token_index": PALIGEMMA_3B["image_token_index"],
+        "model_type": "paligemma", "pad_token_id": PAD_ID, "projection_dim": t["hidden_size"],
+        "text_config": {"hidden_size": t["hidden_size"], "intermediate_size": t["intermediate_size"],
+                        "model_type": "gemma", "num_attention_heads": t["num_attention_heads"],
+                        "num_hidden_layers": t["num_hidden_layers"], "num_image_tokens": num_image_tokens,
+                        "num_key_value_heads": t["num_key_value_heads"], "torch_dtype": dtype,
+                        "vocab_size": t["vocab_size"]},
+        "torch_dtype": dtype, "transformers_version": "4.41.0.dev0",
+        "vision_config": {**{k: v[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                               "num_hidden_layers", "patch_size")},
+                          "image_size": image_size, "model_type": "siglip_vision_model",
+                          "num_image_tokens": num_image_tokens, "projection_dim": t["hidden_size"],
+                          "projector_hidden_act": "gelu_fast", "vision_use_head": False},
+    })
+    return out_dir
