@@ -85,9 +85,11 @@ def _write_weights(directory: Path, weights: dict[str, mx.array], progress: Call
 
 
 def _model_card(src: str, bits: Optional[int], group_size: int, dtype: str, quantize_vision: bool) -> str:
-    what = (f"{bits}-bit (group size {group_size}) quantization of the decoder and its tied embedding"
-            + (", vision tower and projector included" if quantize_vision else "; vision tower and projector in "
-               + dtype) if bits else f"a {dtype} conversion")
+    if bits is None:
+        what = f"a {dtype} conversion"
+    else:
+        vision = "vision tower and projector included" if quantize_vision else f"vision tower and projector in {dtype}"
+        what = f"{bits}-bit (group size {group_size}) quantization of the decoder and its tied embedding; {vision}"
     return (f"# PaliGemma for MLX\n\nConverted from `{src}` with `python -m mlx_paligemma.quantize` on "
             f"{datetime.date.today().isoformat()}: {what}.\n\n"
             "```python\nimport mlx_paligemma as mp\n\n"
@@ -120,10 +122,10 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, bits: Optional[int]
     dtype_name = next(name for name, value in (("float32", mx.float32), ("bfloat16", mx.bfloat16),
                                                 ("float16", mx.float16)) if value == model.dtype)
     if bits is not None:
-        skipped = [path for path, module in model.named_modules()
+        skipped = sorted(path for path, module in model.named_modules()
                    if isinstance(module, (nn.Linear, nn.Embedding))
                    and (path.startswith("language_model.") or quantize_vision)
-                   and not quantizable(path, module, group_size, quantize_vision)]
+                   and not quantizable(path, module, group_size, quantize_vision))
         for path in skipped:
             progress(f"keeping {path} in {dtype_name}: its input width is not a multiple of {group_size}")
         progress(f"quantizing to {bits} bits, group size {group_size}")
