@@ -38,8 +38,13 @@ def load(path_or_repo_id: str | os.PathLike, dtype: Optional[str] = None) -> tup
     return model, Processor.from_dir(model_dir, model.config, to_array=mx.array)
 
 
-def load_model(model_dir: str | os.PathLike, dtype: Optional[str] = None) -> Model:
-    """The MLX model alone, from a local checkpoint directory."""
+def load_model(model_dir: str | os.PathLike, dtype: Optional[str] = None, lazy: bool = False) -> Model:
+    """The MLX model alone, from a local checkpoint directory.
+
+    `lazy=True` leaves every weight unevaluated: a tensor is read from disk only when something
+    evaluates it. The quantize tool relies on this to convert a few tensors at a time, so its peak
+    memory is about the output, not the whole float model on top.
+    """
     compute_dtype = parse_dtype(dtype)
     config = load_config(model_dir)
     ckpt = open_checkpoint(model_dir)
@@ -61,7 +66,8 @@ def load_model(model_dir: str | os.PathLike, dtype: Optional[str] = None) -> Mod
                for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     del weights
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     model.eval()
     return model
 

@@ -50,7 +50,13 @@ class Tokenizer:
 
 class JsonTokenizer:
     """The same interface read from `tokenizer.json` (the `tokenizers` library), for checkpoints
-    that ship no sentencepiece model, such as those mlx-vlm converts (mlx-community)."""
+    that ship no sentencepiece model, such as those mlx-vlm converts (mlx-community).
+
+    PaliGemma's tokenizer.json encodes exactly like its sentencepiece model (no dummy prefix,
+    "\\n" its own piece, byte fallback; tested on the tiny checkpoints). Special ids come from
+    special_tokens_map.json / tokenizer_config.json, never from literals. One difference remains
+    in decoding: an `<unk>` id decodes to "" here and to " ⁇ " in sentencepiece.
+    """
 
     def __init__(self, model_dir: Path):
         from tokenizers import Tokenizer as HFTokenizer
@@ -69,16 +75,17 @@ class JsonTokenizer:
                 except json.JSONDecodeError as e:
                     raise ProcessorError(f"{f}: not valid JSON ({e})") from None
 
-        def token_id(role: str, default: str) -> int:
+        def token_id(role: str, default: str, required: bool = True) -> int:
             token = special.get(f"{role}_token", default)
             token = token.get("content", default) if isinstance(token, dict) else token
             found = self.tok.token_to_id(token)
-            if found is None:
+            if found is None and required:
                 raise ProcessorError(f"{path}: has no {role} token {token!r}")
-            return found
+            return -1 if found is None else found
 
         self.bos_id, self.eos_id = token_id("bos", "<bos>"), token_id("eos", "<eos>")
         self.pad_id = token_id("pad", "<pad>")
+        self.unk_id = token_id("unk", "<unk>", required=False)
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
@@ -88,8 +95,9 @@ class JsonTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def piece_to_id(self, piece: str) -> int:
+        """Like sentencepiece: an unknown piece is the unk id."""
         found = self.tok.token_to_id(piece)
-        return -1 if found is None else found
+        return self.unk_id if found is None else found
 
 
 def load_image(image: ImageInput) -> Image.Image:

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -27,11 +28,14 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .checkpoint import resolve_model_dir
+from .config import load_config
 from .errors import PaliGemmaError
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 MAX_SHARD_BYTES = 5 * 1024 ** 3
+EVAL_BATCH_ELEMENTS = 2 ** 25   # ~32M weights (64 MB of bf16) evaluated together
+PROGRESS_SECONDS = 5.0      # at most one progress line this often while tensors are converted
 # Everything a checkpoint folder holds besides weights and config: tokenizer and processor files.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".h5", ".msgpack", ".gguf")
 _NOT_COPIED = {"config.json", "model.safetensors.index.json", "README.md"}
@@ -50,6 +54,12 @@ def quantizable(path: str, module: nn.Module, group_size: int, quantize_vision: 
     return module.weight.shape[-1] % group_size == 0
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _check_destination(src: Path, out: Path, force: bool) -> None:
     src, out = src.resolve(), out.resolve()
     if out == src or src in out.parents:
@@ -63,7 +73,13 @@ def _check_destination(src: Path, out: Path, force: bool) -> None:
 
 
 def _write_weights(directory: Path, weights: dict[str, mx.array], progress: Callable[[str], None]) -> None:
-    """Safetensors in shards of at most 5 GB (one file when it fits), evaluated one shard at a time."""
+    """Safetensors in shards of at most 5 GB (one file when it fits).
+
+    The weights arrive lazy (read from the source and cast or quantized on demand) and are
+    evaluated in small batches (`_batches`), so each source tensor is released as soon as its
+    output exists: the process holds the output plus one batch of source tensors, never the float
+    model as well (3B, 4-bit: 2.6 GB peak instead of 6.0 GB when the float model was loaded first).
+    """
     shards: list[dict[str, mx.array]] = [{}]
     size = 0
     for key, array in weights.items():
@@ -74,14 +90,54 @@ def _write_weights(directory: Path, weights: dict[str, mx.array], progress: Call
         size += array.nbytes
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for i, (name, shard) in enumerate(zip(names, shards)):
-        progress(f"writing {name} ({i + 1}/{len(shards)}, {sum(a.nbytes for a in shard.values()) / 1e9:.2f} GB)")
-        mx.eval(list(shard.values()))
+    total_bytes = sum(a.nbytes for a in weights.values())
+    progress(f"converting {len(weights)} tensors ({total_bytes / 1e9:.2f} GB) into {len(shards)} file(s)")
+    done, last_report = 0, time.monotonic()
+    for name, shard in zip(names, shards):
+        for batch in _batches(shard):
+            mx.eval([shard[key] for key in batch])
+            done += len(batch)
+            if time.monotonic() - last_report >= PROGRESS_SECONDS:
+                progress(f"  {done}/{len(weights)} tensors ({batch[-1]})")
+                last_report = time.monotonic()
         mx.save_safetensors(str(directory / name), shard, metadata={"format": "mlx"})
+        progress(f"  wrote {name} ({sum(a.nbytes for a in shard.values()) / 1e9:.2f} GB, "
+                 f"{done}/{len(weights)} tensors)")
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(a.nbytes for a in weights.values())},
+        index = {"metadata": {"total_size": total_bytes},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _batches(arrays: dict[str, mx.array]) -> list[list[str]]:
+    """Keys in groups of about EVAL_BATCH_ELEMENTS elements: small enough that the source tensors
+    of one group fit beside the output, large enough that MLX reads and converts them in parallel."""
+    batches: list[list[str]] = [[]]
+    count = 0
+    for key, array in arrays.items():
+        if batches[-1] and count + array.size > EVAL_BATCH_ELEMENTS:
+            batches.append([])
+            count = 0
+        batches[-1].append(key)
+        count += array.size
+    return [b for b in batches if b]
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished checkpoint to `out`; an existing `out` (--force) goes only after, and
+    comes back if the final rename fails."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    out.rename(old / out.name)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        (old / out.name).rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _model_card(src: str, bits: Optional[int], group_size: int, dtype: str, quantize_vision: bool) -> str:
@@ -111,14 +167,15 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, bits: Optional[int]
     src_dir = resolve_model_dir(src)
     out = Path(out).expanduser()
     _check_destination(src_dir, out, force)
-    raw_config = json.loads((src_dir / "config.json").read_text())
-    if raw_config.get("quantization"):
-        q = raw_config["quantization"]
-        raise PaliGemmaError(f"{src_dir}: already quantized ({q.get('bits')}-bit, group size "
-                             f"{q.get('group_size')}); quantize from the float checkpoint instead")
+    q = load_config(src_dir).quantization            # also a clear error for a missing or broken config.json
+    if q:
+        what = f" ({q.get('bits')}-bit, group size {q.get('group_size')})" if isinstance(q, dict) else ""
+        raise PaliGemmaError(f"{src_dir}: already quantized{what}; convert or quantize from the float "
+                             f"checkpoint instead")
+    raw_config = json.loads((src_dir / "config.json").read_text())   # copied as is, only quantization added
 
-    progress(f"loading {src}")
-    model = load_model(src_dir, dtype)
+    progress(f"reading {src}")
+    model = load_model(src_dir, dtype, lazy=True)   # tensors are read (and freed) batch by batch when written
     dtype_name = next(name for name, value in (("float32", mx.float32), ("bfloat16", mx.bfloat16),
                                                 ("float16", mx.float16)) if value == model.dtype)
     if bits is not None:
@@ -128,12 +185,14 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, bits: Optional[int]
                    and not quantizable(path, module, group_size, quantize_vision))
         for path in skipped:
             progress(f"keeping {path} in {dtype_name}: its input width is not a multiple of {group_size}")
-        progress(f"quantizing to {bits} bits, group size {group_size}")
+        progress(f"quantizing to {bits} bits, group size {group_size}"
+                 f"{'' if quantize_vision else f'; vision tower and projector stay {dtype_name}'}")
         nn.quantize(model, group_size=group_size, bits=bits,
                     class_predicate=lambda p, m: quantizable(p, m, group_size, quantize_vision))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())   # mkdtemp makes it private (0700); the checkpoint should not be
     try:
         _write_weights(tmp, dict(tree_flatten(model.parameters())), progress)
         config = {k: v for k, v in raw_config.items() if k not in ("quantization", "quantization_config")}
@@ -145,13 +204,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, bits: Optional[int]
             if f.is_file() and f.name not in _NOT_COPIED and not f.name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copy2(f, tmp / f.name)
         (tmp / "README.md").write_text(_model_card(str(src), bits, group_size, dtype_name, quantize_vision))
-        if out.exists():                      # --force: the old folder goes only once the new one is whole
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -182,6 +235,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except PaliGemmaError as e:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:   # disk full, permission denied: the partial output is already removed
+        print(f"{p.prog}: error: {e}; nothing was written to {args.out}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{p.prog}: interrupted; nothing was written", file=sys.stderr)
         return 130

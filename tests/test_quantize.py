@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 import mlx_paligemma as mp
+import mlx_paligemma.quantize as quantize_module
 from mlx_paligemma.checkpoint import open_checkpoint
 from mlx_paligemma.quantize import quantize
 from conftest import noise_image
+from make_tiny_checkpoint import VERIFY_PROMPTS
 
 GROUP = 32   # divides every width of the tiny models (text 64, MLP 128, vision 32)
 # Logits vs float, measured on the tiny checkpoints over 6 rows x 39 positions (cosine min / mean,
@@ -159,9 +161,14 @@ def test_output_is_self_contained(quantized):
 
 
 def test_quantizing_twice_is_refused(quantized, tmp_path):
-    with pytest.raises(mp.PaliGemmaError, match=r"already quantized \(8-bit, group size 32\); quantize from "
-                                                r"the float checkpoint"):
-        quantize(quantized[8], tmp_path / "again", bits=4, progress=quiet)
+    """Round trip quantize -> load -> quantize: refused (re-quantizing dequantized weights would only
+    add error, and a plain conversion would have to write them dequantized); nothing is written."""
+    mp.load(quantized[8])
+    for bits in (4, 8, None):
+        with pytest.raises(mp.PaliGemmaError, match=r"already quantized \(8-bit, group size 32\); convert or "
+                                                    r"quantize from the float checkpoint instead"):
+            quantize(quantized[8], tmp_path / "again", bits=bits, group_size=GROUP, progress=quiet)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_interrupted_write_leaves_nothing(pg1_dir, tmp_path, monkeypatch):
@@ -172,6 +179,50 @@ def test_interrupted_write_leaves_nothing(pg1_dir, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         quantize(pg1_dir, tmp_path / "out", bits=8, group_size=GROUP, progress=quiet)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_final_rename_puts_the_old_checkpoint_back(pg1_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rename = Path.rename
+
+    def failing_rename(self, target):
+        if self.name.endswith(".partial"):
+            raise OSError("rename failed")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="rename failed"):
+        quantize(pg1_dir, out, bits=8, group_size=GROUP, force=True, progress=quiet)
+    assert (out / "keep.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_output_directory_gets_ordinary_permissions(pg1_dir, tmp_path):
+    """The temporary directory is private while written; the checkpoint is not."""
+    out = quantize(pg1_dir, tmp_path / "out", bits=8, group_size=GROUP, progress=quiet)
+    (tmp_path / "plain").mkdir()
+    assert out.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+
+
+def test_large_checkpoints_are_sharded_with_an_index(pg2_dir, tmp_path, monkeypatch):
+    whole = quantize(pg2_dir, tmp_path / "whole", bits=8, group_size=GROUP, progress=quiet)
+    monkeypatch.setattr(quantize_module, "MAX_SHARD_BYTES", 100_000)
+    sharded = quantize(pg2_dir, tmp_path / "sharded", bits=8, group_size=GROUP, progress=quiet)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    files = sorted(sharded.glob("*.safetensors"))
+    assert len(files) >= 3 and sorted(set(index["weight_map"].values())) == [f.name for f in files]
+    for f in files:   # a shard stays under the limit unless it holds one larger tensor alone
+        tensors = mx.load(str(f))
+        assert len(tensors) == 1 or sum(t.nbytes for t in tensors.values()) <= 100_000
+    assert index["metadata"]["total_size"] == data_bytes(whole)
+    a, b = mx.load(str(whole / "model.safetensors")), {}
+    for f in files:
+        b.update(mx.load(str(f)))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
+    model, processor = mp.load(sharded)
+    assert len(mp.generate(model, processor, noise_image(30, 30), "caption en", max_tokens=3).token_ids) >= 1
 
 
 def test_force_replaces_only_a_finished_checkpoint(pg1_dir, tmp_path):
@@ -195,13 +246,18 @@ def test_tokenizer_json_alone_tokenizes_like_sentencepiece(pg1_dir, tmp_path):
     _, spm = mp.load(pg1_dir)
     _, js = mp.load(d)
     assert type(js.tokenizer).__name__ == "JsonTokenizer"
-    for prompt in ["caption en", "answer en what is on the table?\nbe brief", "  leading", "ocr café ☕ 42",
-                   "detect cat ; dog", "<loc0005><seg012> x"]:
-        ids = spm.tokenizer.encode(prompt + "\n")
-        assert js.tokenizer.encode(prompt + "\n") == ids
-        assert js.decode(ids) == spm.decode(ids)
+    prompts = [*VERIFY_PROMPTS, "answer en what is on the table?\nbe brief", "trailing space ", "\n\n",
+               "ocr café ☕ 42 日本語 🦜", "detect cat ; dog", "<loc0005><seg012> x", "UPPER lower 3.14159"]
+    for prompt in prompts:
+        for text in (prompt + "\n", prompt):
+            ids = spm.tokenizer.encode(text)
+            assert js.tokenizer.encode(text) == ids, repr(text)
+            assert js.decode(ids) == spm.decode(ids), repr(text)
+    assert spm.tokenizer.encode("\n") == js.tokenizer.encode("\n") and len(js.tokenizer.encode("\n")) == 1
     for name in ("bos_id", "eos_id", "pad_id"):
         assert getattr(js.tokenizer, name) == getattr(spm.tokenizer, name)
+    for piece in ("<loc0000>", "<seg127>", "\n", "<pad>", "no-such-piece"):
+        assert js.tokenizer.piece_to_id(piece) == spm.tokenizer.piece_to_id(piece), piece
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -547,19 +547,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", type=int, choices=(1, 2), default=1)
     parser.add_argument("--layout", choices=LAYOUTS, default="hub")
     parser.add_argument("--shards", type=int, default=1)
-    parser.add_argument("--image-size", type=int, default=56)
+    parser.add_argument("--image-size", type=int, default=None, help="56 (224 for --preset 3b)")
     parser.add_argument("--sliding-window", type=int, default=None)
     sparse = parser.add_mutually_exclusive_group()
     sparse.add_argument("--sparse-config", dest="sparse_config", action="store_true", default=None,
                         help="hub-style sparse config.json (default for version 1)")
     sparse.add_argument("--full-config", dest="sparse_config", action="store_false",
                         help="config.json as transformers 5 writes it (default for version 2)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="float32 (bfloat16 for --preset 3b)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weight-scale", type=float, default=1.0)
     parser.add_argument("--verify", action="store_true", help="check the processor and transformers loading")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--preset", choices=("3b",), help="random weights with the exact paligemma-3b-pt-224 "
+                        "shapes (~5.9 GB in bf16; only --dtype, --seed, --image-size, --force apply)")
     args = parser.parse_args(argv)
+    if args.preset == "3b":
+        return _main_3b(args)
+    args.dtype, args.image_size = args.dtype or "float32", args.image_size or 56
 
     start = time.perf_counter()
     try:
@@ -644,21 +649,40 @@ def _paligemma_3b_shapes(image_size: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def make_paligemma_3b_checkpoint(out_dir, *, dtype: str = "bfloat16", seed: int = 0, image_size: int = 224,
-                                 shard_bytes: int = 2 * 1024 ** 3) -> Path:
+def make_paligemma_3b_checkpoint(out_dir, dtype: str = "bfloat16", seed: int = 0, image_size: int = 224, *,
+                                 shard_bytes: int = 2 * 1024 ** 3, replace: bool = False) -> Path:
     """A random checkpoint with the exact shapes of google/paligemma-3b-pt-224, for benchmarks.
 
     Written tensor by tensor into shards of at most `shard_bytes`, so memory stays at about one
-    shard (the full model is ~5.9 GB in bf16). The tiny tokenizer is reused: ids past its
-    vocabulary are unused embedding rows, and `image_token_index` is the real 257152 (our
-    processor takes it from config.json; transformers' processor would not match it).
+    shard (the full model is ~5.9 GB in bf16), in a sibling temp dir renamed into place at the
+    end (an interrupted build leaves nothing to mistake for a checkpoint). The tiny tokenizer is
+    reused: ids past its vocabulary are unused embedding rows, and `image_token_index` is the real
+    257152 (our processor takes it from config.json; transformers' processor would not match it).
     """
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()) and not replace:
+        raise FileExistsError(f"{out_dir} exists and is not empty")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.mkdir()
+    try:
+        _write_paligemma_3b(tmp, dtype, seed, image_size, shard_bytes)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_paligemma_3b(out_dir: Path, dtype: str, seed: int, image_size: int, shard_bytes: int) -> None:
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not empty")
-    out_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     shapes = _paligemma_3b_shapes(image_size)
     _write_processor(out_dir, image_size, (image_size // PALIGEMMA_3B["vision"]["patch_size"]) ** 2)
@@ -707,4 +731,20 @@ def make_paligemma_3b_checkpoint(out_dir, *, dtype: str = "bfloat16", seed: int 
                           "num_image_tokens": num_image_tokens, "projection_dim": t["hidden_size"],
                           "projector_hidden_act": "gelu_fast", "vision_use_head": False},
     })
-    return out_dir
+
+
+def _main_3b(args: argparse.Namespace) -> int:
+    """`--preset 3b` of the CLI (main() dispatches here)."""
+    start = time.perf_counter()
+    try:
+        out_dir = make_paligemma_3b_checkpoint(args.out_dir, dtype=args.dtype or "bfloat16", seed=args.seed,
+                                               image_size=args.image_size or 224,
+                                               replace=args.force)
+    except (FileExistsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors")) / 1e9
+    print(out_dir)
+    print(f"paligemma-3b-pt-224 shapes, random weights, {args.dtype or 'bfloat16'}, {size:.2f} GB, "
+          f"seed {args.seed}, built in {time.perf_counter() - start:.0f}s")
+    return 0
