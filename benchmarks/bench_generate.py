@@ -61,24 +61,48 @@ def worker(args: argparse.Namespace) -> None:
         model, processor = reference.load(args.model, device=args.device, dtype=args.dtype)
         device = f"torch {model.device}"
     load_time = time.perf_counter() - tic
-    image = Image.open(args.image) if args.image else Image.fromarray(
-        np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
-    mp.generate(model, processor, image, args.prompt, max_tokens=4)          # warm-up
-    runs = [mp.generate(model, processor, image, args.prompt, max_tokens=args.max_tokens).stats
-            for _ in range(args.runs)]
+    image = (
+        Image.open(args.image)
+        if args.image
+        else Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    )
+    mp.generate(model, processor, image, args.prompt, max_tokens=4)  # warm-up
+    runs = [
+        mp.generate(model, processor, image, args.prompt, max_tokens=args.max_tokens).stats for _ in range(args.runs)
+    ]
     median = lambda attr: statistics.median(getattr(s, attr) for s in runs)  # noqa: E731
-    print(json.dumps(dict(
-        backend=args.backend, device=device, blas=blas, dtype=str(getattr(model, "dtype", args.dtype)),
-        load_s=load_time, vision_s=median("vision_time"), prompt_tokens=runs[0].prompt_tokens,
-        prefill_tps=median("prefill_tps"), generated=runs[0].generation_tokens,
-        decode_tps=median("generation_tps"), peak_gb=max(s.peak_memory_gb for s in runs))))
+    print(
+        json.dumps(
+            dict(
+                backend=args.backend,
+                device=device,
+                blas=blas,
+                dtype=str(getattr(model, "dtype", args.dtype)),
+                load_s=load_time,
+                vision_s=median("vision_time"),
+                prompt_tokens=runs[0].prompt_tokens,
+                prefill_tps=median("prefill_tps"),
+                generated=runs[0].generation_tokens,
+                decode_tps=median("generation_tps"),
+                peak_gb=max(s.peak_memory_gb for s in runs),
+            )
+        )
+    )
 
 
 # A mid-size PaliGemma 2 (~0.6 B parameters): a SigLIP-B-like tower at 224 px (256 image tokens) and a
 # narrow Gemma 2 decoder with the real 257216-entry vocabulary, so the LM head costs what it really does.
 MID_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-MID_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=8,
-                num_key_value_heads=4, head_dim=128, query_pre_attn_scalar=128, sliding_window=4096)
+MID_TEXT = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=128,
+    query_pre_attn_scalar=128,
+    sliding_window=4096,
+)
 REAL_VOCAB = 257216
 
 
@@ -97,8 +121,9 @@ def build_preset(name: str, directory: Path) -> Path:
     image_token_index = tool._write_processor(out, 224, 256)
     config = tool._build_config(2, 224, None, image_token_index, "bfloat16")
     config.text_config.update(dict(MID_TEXT, vocab_size=REAL_VOCAB))
-    config.text_config.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
-                                      for i in range(MID_TEXT["num_hidden_layers"])]
+    config.text_config.layer_types = [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(MID_TEXT["num_hidden_layers"])
+    ]
     config.vision_config.update(MID_VISION)
     config.projection_dim = config.vision_config.projection_dim = MID_TEXT["hidden_size"]
     config.vocab_size = REAL_VOCAB
@@ -120,7 +145,7 @@ def main() -> int:
     p.add_argument("--dtype", default=None, help="compute dtype for both backends (default: checkpoint's)")
     p.add_argument("--device", default=None, help="torch device (default: best available)")
     p.add_argument("--backends", default="mlx,torch")
-    p.add_argument("--backend", help=argparse.SUPPRESS)      # worker mode
+    p.add_argument("--backend", help=argparse.SUPPRESS)  # worker mode
     args = p.parse_args()
     if args.backend:
         worker(args)
@@ -131,8 +156,20 @@ def main() -> int:
         model = args.model or str(build_preset(args.preset, Path(tmp)))
         rows = []
         for backend in args.backends.split(","):
-            cmd = [sys.executable, __file__, "--backend", backend, "--model", model, "--prompt", args.prompt,
-                   "--max-tokens", str(args.max_tokens), "--runs", str(args.runs)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--backend",
+                backend,
+                "--model",
+                model,
+                "--prompt",
+                args.prompt,
+                "--max-tokens",
+                str(args.max_tokens),
+                "--runs",
+                str(args.runs),
+            ]
             for flag, value in (("--image", args.image), ("--dtype", args.dtype), ("--device", args.device)):
                 if value:
                     cmd += [flag, value]
@@ -141,13 +178,17 @@ def main() -> int:
                 print(out.stderr, file=sys.stderr)
                 return 1
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"model: {args.model or args.preset + ' (random)'} | prompt: {args.prompt!r} | "
-          f"{rows[0]['prompt_tokens']} prompt tokens, up to {args.max_tokens} new, median of {args.runs}")
-    print(f"| backend | device | dtype | BLAS | load s | vision s | prefill tok/s | decode tok/s | peak GB |")
+    print(
+        f"model: {args.model or args.preset + ' (random)'} | prompt: {args.prompt!r} | "
+        f"{rows[0]['prompt_tokens']} prompt tokens, up to {args.max_tokens} new, median of {args.runs}"
+    )
+    print("| backend | device | dtype | BLAS | load s | vision s | prefill tok/s | decode tok/s | peak GB |")
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['backend']} | {r['device']} | {r['dtype']} | {r['blas']} | {r['load_s']:.2f} | "
-              f"{r['vision_s']:.3f} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {r['peak_gb']:.2f} |")
+        print(
+            f"| {r['backend']} | {r['device']} | {r['dtype']} | {r['blas']} | {r['load_s']:.2f} | "
+            f"{r['vision_s']:.3f} | {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {r['peak_gb']:.2f} |"
+        )
     return 0
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-NEEDED_GB = 13   # bf16 source 5.9 + 8-bit 3.5 + 4-bit 2.2, and room for a temporary copy
+NEEDED_GB = 13  # bf16 source 5.9 + 8-bit 3.5 + 4-bit 2.2, and room for a temporary copy
 
 
 def max_rss_gb() -> float:
@@ -56,10 +56,21 @@ def run_worker(model: str, dtype: str | None, max_tokens: int) -> None:
     mx.reset_peak_memory()
     result = mp.generate(m, processor, image, "caption en", max_tokens=max_tokens)
     s = result.stats
-    print(json.dumps(dict(load_s=load_time, prompt_tokens=s.prompt_tokens, prefill_tps=s.prefill_tps,
-                          decode_tps=s.generation_tps, generated=s.generation_tokens,
-                          peak_gb=mx.get_peak_memory() / 1e9, rss_gb=max_rss_gb(),
-                          dtype=str(m.dtype).replace("mlx.core.", ""), blas=blas)))
+    print(
+        json.dumps(
+            dict(
+                load_s=load_time,
+                prompt_tokens=s.prompt_tokens,
+                prefill_tps=s.prefill_tps,
+                decode_tps=s.generation_tps,
+                generated=s.generation_tokens,
+                peak_gb=mx.get_peak_memory() / 1e9,
+                rss_gb=max_rss_gb(),
+                dtype=str(m.dtype).replace("mlx.core.", ""),
+                blas=blas,
+            )
+        )
+    )
 
 
 def quantize_worker(source: str, out: str, bits: int, group_size: int) -> None:
@@ -102,7 +113,7 @@ def main() -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     source = work / "paligemma-3b-shape-bf16"
-    if not (source / "config.json").is_file():        # written last: present means complete
+    if not (source / "config.json").is_file():  # written last: present means complete
         free_gb = shutil.disk_usage(work).free / 1e9
         if free_gb < NEEDED_GB:
             print(f"error: {work} has {free_gb:.0f} GB free; the benchmark needs ~{NEEDED_GB} GB", file=sys.stderr)
@@ -118,11 +129,20 @@ def main() -> int:
     quantize_rows = []
     for bits in (8, 4):
         out = work / f"paligemma-3b-shape-{bits}bit-g{args.group_size}"
-        q = child("--workdir", args.workdir, "--group-size", str(args.group_size),
-                  "--quantize-worker", str(source), str(out), str(bits))
+        q = child(
+            "--workdir",
+            args.workdir,
+            "--group-size",
+            str(args.group_size),
+            "--quantize-worker",
+            str(source),
+            str(out),
+            str(bits),
+        )
         quantize_rows.append((bits, disk_gb(out), q))
-        variants += [(f"{bits}-bit (g{args.group_size})", out, dtype)
-                     for dtype in args.quantized_compute.split(",") if dtype]
+        variants += [
+            (f"{bits}-bit (g{args.group_size})", out, dtype) for dtype in args.quantized_compute.split(",") if dtype
+        ]
 
     rows = []
     for name, path, dtype in variants:
@@ -130,21 +150,29 @@ def main() -> int:
         r = child("--workdir", args.workdir, "--max-tokens", str(args.max_tokens), "--run-worker", str(path), dtype)
         rows.append((name, disk_gb(path), r))
 
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"MLX CPU with {rows[0][2]['blas']}; {rows[0][2]['prompt_tokens']} prompt tokens, "
-          f"{args.max_tokens} new tokens (greedy)\n")
-    print(f"| quantization | on disk GB | shrink vs bf16 | quantize s | quantize peak RSS GB |")
+    print(
+        f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"MLX CPU with {rows[0][2]['blas']}; {rows[0][2]['prompt_tokens']} prompt tokens, "
+        f"{args.max_tokens} new tokens (greedy)\n"
+    )
+    print("| quantization | on disk GB | shrink vs bf16 | quantize s | quantize peak RSS GB |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for bits, size, q in quantize_rows:
-        print(f"| {bits}-bit (g{args.group_size}) | {size:.2f} | {disk_gb(source) / size:.2f}x | "
-              f"{q['seconds']:.0f} | {q['rss_gb']:.2f} |")
+        print(
+            f"| {bits}-bit (g{args.group_size}) | {size:.2f} | {disk_gb(source) / size:.2f}x | "
+            f"{q['seconds']:.0f} | {q['rss_gb']:.2f} |"
+        )
     print()
-    print("| weights | on disk GB | compute dtype | load s | prefill tok/s | decode tok/s | tokens | "
-          "peak MLX GB | peak RSS GB |")
+    print(
+        "| weights | on disk GB | compute dtype | load s | prefill tok/s | decode tok/s | tokens | "
+        "peak MLX GB | peak RSS GB |"
+    )
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, size, r in rows:
-        print(f"| {name} | {size:.2f} | {r['dtype']} | {r['load_s']:.1f} | {r['prefill_tps']:.2f} | "
-              f"{r['decode_tps']:.2f} | {r['generated']} | {r['peak_gb']:.2f} | {r['rss_gb']:.2f} |")
+        print(
+            f"| {name} | {size:.2f} | {r['dtype']} | {r['load_s']:.1f} | {r['prefill_tps']:.2f} | "
+            f"{r['decode_tps']:.2f} | {r['generated']} | {r['peak_gb']:.2f} | {r['rss_gb']:.2f} |"
+        )
     return 0
 
 

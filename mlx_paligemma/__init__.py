@@ -1,20 +1,44 @@
 """PaliGemma on Apple MLX.
 
-    import mlx_paligemma as mp
-    model, processor = mp.load("google/paligemma-3b-mix-224")
-    print(mp.generate(model, processor, "cat.jpg", "caption en").text)
+import mlx_paligemma as mp
+model, processor = mp.load("google/paligemma-3b-mix-224")
+print(mp.generate(model, processor, "cat.jpg", "caption en").text)
 """
 
 from .errors import CheckpointError, ConfigError, PaliGemmaError, ProcessorError
-from .generation import (GenerationChunk, GenerationResult, GenerationStats, ImageEmbedding, answer, caption,
-                         detect, encode_image, generate, stream_generate)
+from .generation import (
+    GenerationChunk,
+    GenerationResult,
+    GenerationStats,
+    ImageEmbedding,
+    answer,
+    caption,
+    detect,
+    encode_image,
+    generate,
+    stream_generate,
+)
 from .load import load
 from .tasks import Detection, draw_detections, parse_detections
 
 __all__ = [
-    "load", "generate", "stream_generate", "encode_image", "caption", "answer", "detect",
-    "parse_detections", "draw_detections", "Detection", "ImageEmbedding",
-    "GenerationResult", "GenerationChunk", "GenerationStats",
-    "PaliGemmaError", "ConfigError", "CheckpointError", "ProcessorError",
+    "load",
+    "generate",
+    "stream_generate",
+    "encode_image",
+    "caption",
+    "answer",
+    "detect",
+    "parse_detections",
+    "draw_detections",
+    "Detection",
+    "ImageEmbedding",
+    "GenerationResult",
+    "GenerationChunk",
+    "GenerationStats",
+    "PaliGemmaError",
+    "ConfigError",
+    "CheckpointError",
+    "ProcessorError",
 ]
 __version__ = "0.1.0"

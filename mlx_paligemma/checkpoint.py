@@ -25,8 +25,8 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # Canonical names are the module tree of our models: `vision_tower.{embeddings,encoder,post_layernorm}`,
 # `multi_modal_projector.linear`, `language_model.{embed_tokens,layers,norm}`, `lm_head`.
 _KEY_RULES = [
-    (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),           # hub layout
-    (re.compile(r"^language_model\.model\."), "language_model."),              # hub layout
+    (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),  # hub layout
+    (re.compile(r"^language_model\.model\."), "language_model."),  # hub layout
     (re.compile(r"^language_model\.lm_head\."), "lm_head."),
 ]
 
@@ -38,7 +38,7 @@ def canonical_key(key: str) -> str:
     save_pretrained: `vision_tower.*`, `language_model.*`; in-memory names may start with `model.`.
     """
     if key.startswith("model."):
-        key = key[len("model."):]
+        key = key[len("model.") :]
     for pattern, repl in _KEY_RULES:
         key = pattern.sub(repl, key)
     return key
@@ -59,25 +59,34 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike) -> Path:
 
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except GatedRepoError:
         raise CheckpointError(
             f"{repo_id}: this repository is gated; accept its licence on huggingface.co/{repo_id} "
-            f"and log in (`hf auth login`) or set HF_TOKEN") from None
+            f"and log in (`hf auth login`) or set HF_TOKEN"
+        ) from None
     except RepositoryNotFoundError:
         raise CheckpointError(
             f"{repo_id}: repository not found on the Hugging Face hub (check the id; for a private "
-            f"repository set HF_TOKEN)") from None
+            f"repository set HF_TOKEN)"
+        ) from None
     except RevisionNotFoundError:
         raise CheckpointError(f"{repo_id}: revision not found on the Hugging Face hub") from None
     except LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        hint = ("HF_HUB_OFFLINE is set: unset it to download, or pass a local directory" if offline
-                else "the hub could not be reached: check the network, or pass a local directory")
+        hint = (
+            "HF_HUB_OFFLINE is set: unset it to download, or pass a local directory"
+            if offline
+            else "the hub could not be reached: check the network, or pass a local directory"
+        )
         raise CheckpointError(f"{repo_id}: not in the local Hugging Face cache and {hint}") from None
     except OSError as e:  # network and disk errors surface as OSError subclasses
         raise CheckpointError(f"{repo_id}: download failed ({e})") from None
@@ -86,8 +95,8 @@ def _download(repo_id: str) -> Path:
 @dataclass
 class TensorInfo:
     file: Path
-    name: str            # the name inside the file
-    dtype: str           # safetensors dtype code, e.g. F32, BF16
+    name: str  # the name inside the file
+    dtype: str  # safetensors dtype code, e.g. F32, BF16
     shape: tuple[int, ...]
 
 
@@ -141,7 +150,8 @@ def _weight_files(directory: Path) -> list[Path]:
     if pickles:
         raise CheckpointError(
             f"{directory}: only pickle weights ({', '.join(pickles)}); they are never unpickled here "
-            f"because unpickling can run arbitrary code. Convert them to safetensors first")
+            f"because unpickling can run arbitrary code. Convert them to safetensors first"
+        )
     raise CheckpointError(f"{directory}: no *.safetensors weight files")
 
 
@@ -153,8 +163,9 @@ def open_checkpoint(directory: str | os.PathLike) -> Checkpoint:
         for name, meta in _read_safetensors_header(path).items():
             key = canonical_key(name)
             if key in ckpt.tensors:
-                raise CheckpointError(f"{path.name}: tensor '{name}' duplicates "
-                                      f"{ckpt.source(key)} (both map to '{key}')")
+                raise CheckpointError(
+                    f"{path.name}: tensor '{name}' duplicates {ckpt.source(key)} (both map to '{key}')"
+                )
             ckpt.tensors[key] = TensorInfo(path, name, meta["dtype"], tuple(meta["shape"]))
     return ckpt
 
@@ -171,8 +182,7 @@ def drop_non_weights(weights: dict, tie_word_embeddings: bool) -> dict:
     return weights
 
 
-def check_tensors(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]],
-                  found: dict[str, tuple[int, ...]]) -> None:
+def check_tensors(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> None:
     """Strict load: every missing, unexpected or mis-shaped tensor is an error naming key and file.
 
     `expected` are the model's parameter shapes, `found` the checkpoint's shapes after the
@@ -185,8 +195,9 @@ def check_tensors(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]],
         problems.append(f"missing tensor '{key}' (shape {tuple(expected[key])})")
     for key in sorted(found.keys() & expected.keys()):
         if tuple(found[key]) != tuple(expected[key]):
-            problems.append(f"tensor '{key}' in {ckpt.source(key)} has shape {tuple(found[key])}, "
-                            f"expected {tuple(expected[key])}")
+            problems.append(
+                f"tensor '{key}' in {ckpt.source(key)} has shape {tuple(found[key])}, expected {tuple(expected[key])}"
+            )
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CheckpointError(f"{ckpt.directory}: {problems[0]}{more}")

@@ -52,12 +52,14 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "vision_config") -> "VisionConfig":
+    def from_dict(cls, d: dict, where: str = "vision_config") -> VisionConfig:
         model_type = d.get("model_type", "siglip_vision_model")
         if model_type not in VISION_MODEL_TYPES:
             raise ConfigError(f"{where}.model_type: unsupported {model_type!r} (expected siglip_vision_model)")
-        req = {k: int(_require(d, k, where)) for k in
-               ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size")}
+        req = {
+            k: int(_require(d, k, where))
+            for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size")
+        }
         return cls(
             **req,
             image_size=int(d.get("image_size") or 224),
@@ -95,21 +97,24 @@ class TextConfig:
     def attention_scale(self) -> float:
         """Gemma 1 scales by head_dim^-0.5, Gemma 2 by query_pre_attn_scalar^-0.5 (differs for 28b)."""
         if self.query_pre_attn_scalar is not None:
-            return self.query_pre_attn_scalar ** -0.5
-        return self.head_dim ** -0.5
+            return self.query_pre_attn_scalar**-0.5
+        return self.head_dim**-0.5
 
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window is not None and self.layer_types[layer] == "sliding_attention"
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "text_config") -> "TextConfig":
+    def from_dict(cls, d: dict, where: str = "text_config") -> TextConfig:
         model_type = d.get("model_type")
         if model_type not in TEXT_MODEL_TYPES:
             raise ConfigError(
                 f"{where}.model_type: unsupported {model_type!r} (expected 'gemma' for PaliGemma 1 "
-                f"or 'gemma2' for PaliGemma 2)")
-        req = {k: int(_require(d, k, where)) for k in
-               ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")}
+                f"or 'gemma2' for PaliGemma 2)"
+            )
+        req = {
+            k: int(_require(d, k, where))
+            for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        }
         cfg = cls(
             model_type=model_type,
             **req,
@@ -119,19 +124,24 @@ class TextConfig:
             rope_theta=_rope_theta(d),
         )
         if req["num_attention_heads"] % cfg.num_key_value_heads:
-            raise ConfigError(f"{where}: num_attention_heads {req['num_attention_heads']} is not a multiple "
-                              f"of num_key_value_heads {cfg.num_key_value_heads}")
+            raise ConfigError(
+                f"{where}: num_attention_heads {req['num_attention_heads']} is not a multiple "
+                f"of num_key_value_heads {cfg.num_key_value_heads}"
+            )
         if model_type == "gemma2":
             cfg.query_pre_attn_scalar = float(d.get("query_pre_attn_scalar") or 256)
             cfg.attn_logit_softcapping = d.get("attn_logit_softcapping", 50.0)
             cfg.final_logit_softcapping = d.get("final_logit_softcapping", 30.0)
             cfg.sliding_window = d.get("sliding_window", 4096)
             # Gemma 2 alternates sliding (even layers) and full attention unless told otherwise.
-            cfg.layer_types = list(d.get("layer_types") or [
-                "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg.num_hidden_layers)])
+            cfg.layer_types = list(
+                d.get("layer_types")
+                or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg.num_hidden_layers)]
+            )
             if len(cfg.layer_types) != cfg.num_hidden_layers:
-                raise ConfigError(f"{where}.layer_types: {len(cfg.layer_types)} entries for "
-                                  f"{cfg.num_hidden_layers} layers")
+                raise ConfigError(
+                    f"{where}.layer_types: {len(cfg.layer_types)} entries for {cfg.num_hidden_layers} layers"
+                )
         return cfg
 
 
@@ -157,7 +167,7 @@ class PaliGemmaConfig:
         return self.vision_config.num_patches
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PaliGemmaConfig":
+    def from_dict(cls, d: dict) -> PaliGemmaConfig:
         if d.get("model_type") != "paligemma":
             raise ConfigError(f"model_type: unsupported {d.get('model_type')!r} (expected 'paligemma')")
         for key in ("vision_config", "text_config"):
@@ -172,17 +182,21 @@ class PaliGemmaConfig:
         # The top-level hidden_size (2048) is not the text width of PaliGemma 2: never read it.
         projection_dim = int(d.get("projection_dim") or d["vision_config"].get("projection_dim") or text.hidden_size)
         if projection_dim != text.hidden_size:
-            raise ConfigError(f"projection_dim {projection_dim} differs from text_config.hidden_size "
-                              f"{text.hidden_size}")
-        dtype = d.get("torch_dtype") or d.get("dtype") or d["text_config"].get("torch_dtype") \
+            raise ConfigError(
+                f"projection_dim {projection_dim} differs from text_config.hidden_size {text.hidden_size}"
+            )
+        dtype = (
+            d.get("torch_dtype")
+            or d.get("dtype")
+            or d["text_config"].get("torch_dtype")
             or d["text_config"].get("dtype")
+        )
         return cls(
             vision_config=vision,
             text_config=text,
             image_token_id=int(image_token_id),
             projection_dim=projection_dim,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings",
-                                           d["text_config"].get("tie_word_embeddings", True))),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", d["text_config"].get("tie_word_embeddings", True))),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=_first(d.get("eos_token_id")),
             pad_token_id=d.get("pad_token_id"),

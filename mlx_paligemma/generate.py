@@ -13,9 +13,10 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from .errors import PaliGemmaError
 
@@ -28,27 +29,42 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m mlx_paligemma.generate", description="Caption, answer questions about, "
-                "detect or segment objects in images with PaliGemma.")
+    p = _Parser(
+        prog="python -m mlx_paligemma.generate",
+        description="Caption, answer questions about, detect or segment objects in images with PaliGemma.",
+    )
     p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face repo id")
     p.add_argument("--image", action="append", required=True, help="image file (repeat for a batch)")
-    p.add_argument("--prompt", action="append", required=True,
-                   help='task prompt, e.g. "caption en", "answer en what is this?", "detect cat" (repeat for a batch)')
+    p.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help='task prompt, e.g. "caption en", "answer en what is this?", "detect cat" (repeat for a batch)',
+    )
     p.add_argument("--max-tokens", type=int, default=100, help="most tokens to generate (default 100)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
     p.add_argument("--repetition-penalty", type=float, default=None, help="e.g. 1.1 (default: off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--backend", choices=["mlx", "torch"], default="mlx",
-                   help="mlx (default) or the PyTorch reference backend")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="compute dtype (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--backend", choices=["mlx", "torch"], default="mlx", help="mlx (default) or the PyTorch reference backend"
+    )
     p.add_argument("--device", default=None, help="torch backend device: mps, cuda, cpu (default: best available)")
     p.add_argument("--no-stream", action="store_true", help="print the answer only when it is complete")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, boxes, stats")
-    p.add_argument("--draw", metavar="OUT.png", default=None,
-                   help="write the image with detected boxes and labels (one image only)")
+    p.add_argument(
+        "--draw",
+        metavar="OUT.png",
+        default=None,
+        help="write the image with detected boxes and labels (one image only)",
+    )
     p.add_argument("--force", action="store_true", help="allow --draw to overwrite an existing file")
     p.add_argument("--verbose", action="store_true", help="print timing and memory statistics to stderr")
     return p
@@ -85,9 +101,11 @@ def _save_atomically(image, out: str) -> None:
 
 
 def _stats_line(stats) -> str:
-    return (f"prompt: {stats.prompt_tokens} tokens x {stats.batch_size}, {stats.prefill_tps:.1f} tokens/s | "
-            f"generation: {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens/s | "
-            f"vision {stats.vision_time:.2f}s | peak memory {stats.peak_memory_gb:.2f} GB")
+    return (
+        f"prompt: {stats.prompt_tokens} tokens x {stats.batch_size}, {stats.prefill_tps:.1f} tokens/s | "
+        f"generation: {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens/s | "
+        f"vision {stats.vision_time:.2f}s | peak memory {stats.peak_memory_gb:.2f} GB"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -118,8 +136,14 @@ def _run(args: argparse.Namespace) -> int:
 
         model, processor = load(args.model, dtype=args.dtype)
     images = [load_image(path) for path in args.image]
-    options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   repetition_penalty=args.repetition_penalty, seed=args.seed)
+    options = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
     single = len(images) == 1
     stream = single and not (args.no_stream or args.json)
     if stream:
@@ -139,8 +163,16 @@ def _run(args: argparse.Namespace) -> int:
     boxes = [parse_detections(r.text, r.image_size) for r in results]
 
     if args.json:
-        rows = [{"prompt": p, "text": r.text, "tokens": r.token_ids, "finish_reason": r.finish_reason,
-                 "boxes": [d.to_dict() for d in b]} for p, r, b in zip(args.prompt, results, boxes)]
+        rows = [
+            {
+                "prompt": p,
+                "text": r.text,
+                "tokens": r.token_ids,
+                "finish_reason": r.finish_reason,
+                "boxes": [d.to_dict() for d in b],
+            }
+            for p, r, b in zip(args.prompt, results, boxes)
+        ]
         out = {**rows[0], "stats": asdict(stats)} if single else {"results": rows, "stats": asdict(stats)}
         print(json.dumps(out, ensure_ascii=False))
     elif not stream:

@@ -9,8 +9,9 @@ one process, and breaking out of `stream_generate` drops the cache with the gene
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,29 +26,29 @@ from .tasks import Detection, answer_prompt, caption_prompt, detect_prompt, pars
 class ImageEmbedding:
     """An image run through the vision tower once; pass it instead of an image to reuse it."""
 
-    features: Any                 # backend array (1, N, text hidden)
-    image_size: tuple[int, int]   # original (width, height), for mapping boxes back
+    features: Any  # backend array (1, N, text hidden)
+    image_size: tuple[int, int]  # original (width, height), for mapping boxes back
 
 
 @dataclass
 class GenerationStats:
-    prompt_tokens: int = 0            # per row, image tokens included
-    generation_tokens: int = 0        # per row, for the longest row
+    prompt_tokens: int = 0  # per row, image tokens included
+    generation_tokens: int = 0  # per row, for the longest row
     batch_size: int = 1
-    vision_time: float = 0.0          # seconds in the vision tower (0 when embeddings were reused)
+    vision_time: float = 0.0  # seconds in the vision tower (0 when embeddings were reused)
     prefill_time: float = 0.0
     generation_time: float = 0.0
-    prefill_tps: float = 0.0          # prompt tokens per second, all rows
-    generation_tps: float = 0.0       # generated tokens per second, all rows
+    prefill_tps: float = 0.0  # prompt tokens per second, all rows
+    generation_tps: float = 0.0  # generated tokens per second, all rows
     peak_memory_gb: float = 0.0
 
 
 @dataclass
 class GenerationChunk:
-    text: str                         # new text since the previous chunk of this row
+    text: str  # new text since the previous chunk of this row
     token_id: int
     row: int = 0
-    finish_reason: Optional[str] = None   # "stop" (eos) or "length" on a row's last chunk
+    finish_reason: Optional[str] = None  # "stop" (eos) or "length" on a row's last chunk
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
@@ -114,17 +115,18 @@ class _Detokenizer:
         text = self.processor.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
-        new, self.emitted = text[self.emitted:], len(text)
+        new, self.emitted = text[self.emitted :], len(text)
         return new
 
     def flush(self) -> str:
         text = self.processor.decode(self.ids)
-        new, self.emitted = text[self.emitted:], len(text)
+        new, self.emitted = text[self.emitted :], len(text)
         return new
 
 
-def _check_options(max_tokens: int, temperature: float, top_p: float, top_k: int,
-                   repetition_penalty: Optional[float]) -> None:
+def _check_options(
+    max_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: Optional[float]
+) -> None:
     if max_tokens < 1:
         raise PaliGemmaError(f"max_tokens: must be at least 1, got {max_tokens}")
     if temperature < 0:
@@ -137,10 +139,18 @@ def _check_options(max_tokens: int, temperature: float, top_p: float, top_k: int
         raise PaliGemmaError(f"repetition_penalty: must be > 0, got {repetition_penalty}")
 
 
-def _stream_batch(model: Any, processor: Processor, images: Sequence[Union[ImageInput, ImageEmbedding]],
-                  prompts: Sequence[str], max_tokens: int = 100, temperature: float = 0.0, top_p: float = 1.0,
-                  top_k: int = 0, repetition_penalty: Optional[float] = None,
-                  seed: Optional[int] = None) -> Iterator[GenerationChunk]:
+def _stream_batch(
+    model: Any,
+    processor: Processor,
+    images: Sequence[Union[ImageInput, ImageEmbedding]],
+    prompts: Sequence[str],
+    max_tokens: int = 100,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    repetition_penalty: Optional[float] = None,
+    seed: Optional[int] = None,
+) -> Iterator[GenerationChunk]:
     _check_options(max_tokens, temperature, top_p, top_k, repetition_penalty)
     if len(images) != len(prompts):
         raise PaliGemmaError(f"{len(images)} images for {len(prompts)} prompts: pass one image per prompt")
@@ -154,7 +164,7 @@ def _stream_batch(model: Any, processor: Processor, images: Sequence[Union[Image
     if raw:
         encoded = runner.encode_image(np.stack([processor.preprocess_image(images[i]) for i in raw]))
         for j, i in enumerate(raw):
-            features[i] = encoded[j:j + 1]
+            features[i] = encoded[j : j + 1]
     stats.vision_time = time.perf_counter() - tic
 
     batch = processor.encode_prompts(prompts)
@@ -176,7 +186,7 @@ def _stream_batch(model: Any, processor: Processor, images: Sequence[Union[Image
         if processors:
             rows = []
             for b in range(B):
-                row = logits[b:b + 1]
+                row = logits[b : b + 1]
                 for proc in processors:
                     row = proc(history[b], row)
                 rows.append(row)
@@ -184,7 +194,7 @@ def _stream_batch(model: Any, processor: Processor, images: Sequence[Union[Image
         tokens = sampler(logits.astype(mx.float32) if temperature > 0 else logits).astype(mx.int32)
         if processors:
             for b in range(B):
-                history[b] = mx.concatenate([history[b], tokens[b:b + 1]])
+                history[b] = mx.concatenate([history[b], tokens[b : b + 1]])
         return tokens
 
     tic = time.perf_counter()
@@ -195,7 +205,7 @@ def _stream_batch(model: Any, processor: Processor, images: Sequence[Union[Image
     done = [False] * B
     gen_tic = None
     for n in range(max_tokens):
-        if n + 1 < max_tokens:              # queue the next step before reading this one
+        if n + 1 < max_tokens:  # queue the next step before reading this one
             next_tokens = sample(runner.step(tokens))
             mx.async_eval(next_tokens)
         current = tokens.tolist()
@@ -224,17 +234,25 @@ def _stream_batch(model: Any, processor: Processor, images: Sequence[Union[Image
         tokens = next_tokens
 
 
-def stream_generate(model: Any, processor: Processor, image: Union[ImageInput, ImageEmbedding], prompt: str,
-                    **kwargs) -> Iterator[GenerationChunk]:
+def stream_generate(
+    model: Any, processor: Processor, image: Union[ImageInput, ImageEmbedding], prompt: str, **kwargs
+) -> Iterator[GenerationChunk]:
     """Stream the answer to one prompt about one image, chunk by chunk (same options as `generate`)."""
     return _stream_batch(model, processor, [image], [prompt], **kwargs)
 
 
-def generate(model: Any, processor: Processor,
-             image: Union[ImageInput, ImageEmbedding, Sequence[Union[ImageInput, ImageEmbedding]]],
-             prompt: Union[str, Sequence[str]], max_tokens: int = 100, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, repetition_penalty: Optional[float] = None,
-             seed: Optional[int] = None) -> Union[GenerationResult, list[GenerationResult]]:
+def generate(
+    model: Any,
+    processor: Processor,
+    image: Union[ImageInput, ImageEmbedding, Sequence[Union[ImageInput, ImageEmbedding]]],
+    prompt: Union[str, Sequence[str]],
+    max_tokens: int = 100,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    repetition_penalty: Optional[float] = None,
+    seed: Optional[int] = None,
+) -> Union[GenerationResult, list[GenerationResult]]:
     """Answer a prompt about an image; lists of images and prompts run as one batch (a list back)."""
     batched = not isinstance(prompt, str)
     prompts = list(prompt) if batched else [prompt]
@@ -245,32 +263,53 @@ def generate(model: Any, processor: Processor,
     ids: list[list[int]] = [[] for _ in prompts]
     reasons = ["length"] * len(prompts)
     stats = GenerationStats()
-    for chunk in _stream_batch(model, processor, pils, prompts, max_tokens=max_tokens, temperature=temperature,
-                               top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed):
+    for chunk in _stream_batch(
+        model,
+        processor,
+        pils,
+        prompts,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    ):
         stats = chunk.stats
         if chunk.finish_reason == "stop":
             reasons[chunk.row] = "stop"
         else:
             ids[chunk.row].append(chunk.token_id)
-    results = [GenerationResult(processor.decode(t), t, r, s, stats)
-               for t, r, s in zip(ids, reasons, sizes)]
+    results = [GenerationResult(processor.decode(t), t, r, s, stats) for t, r, s in zip(ids, reasons, sizes)]
     return results if batched else results[0]
 
 
-def caption(model: Any, processor: Processor, image: Union[ImageInput, ImageEmbedding], lang: str = "en",
-            **kwargs) -> str:
+def caption(
+    model: Any, processor: Processor, image: Union[ImageInput, ImageEmbedding], lang: str = "en", **kwargs
+) -> str:
     """A caption in language `lang` (`caption en`)."""
     return generate(model, processor, image, caption_prompt(lang), **kwargs).text
 
 
-def answer(model: Any, processor: Processor, image: Union[ImageInput, ImageEmbedding], question: str,
-           lang: str = "en", **kwargs) -> str:
+def answer(
+    model: Any,
+    processor: Processor,
+    image: Union[ImageInput, ImageEmbedding],
+    question: str,
+    lang: str = "en",
+    **kwargs,
+) -> str:
     """The answer to a question about the image (`answer en <question>`)."""
     return generate(model, processor, image, answer_prompt(question, lang), **kwargs).text
 
 
-def detect(model: Any, processor: Processor, image: Union[ImageInput, ImageEmbedding],
-           labels: Union[str, Sequence[str]], **kwargs) -> list[Detection]:
+def detect(
+    model: Any,
+    processor: Processor,
+    image: Union[ImageInput, ImageEmbedding],
+    labels: Union[str, Sequence[str]],
+    **kwargs,
+) -> list[Detection]:
     """Boxes, in the original image's pixels, of the named kinds of object (`detect cat ; dog`)."""
     result = generate(model, processor, image, detect_prompt(labels), **kwargs)
     return parse_detections(result.text, result.image_size)

@@ -60,10 +60,9 @@ def load_model(model_dir: str | os.PathLike, dtype: Optional[str] = None, lazy: 
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     check_tensors(ckpt, expected, {k: v.shape for k, v in weights.items()})
 
-    if compute_dtype is None:   # the norm weight is float in float and quantized checkpoints alike
+    if compute_dtype is None:  # the norm weight is float in float and quantized checkpoints alike
         compute_dtype = weights["language_model.norm.weight"].dtype
-    weights = {k: v.astype(compute_dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-               for k, v in weights.items()}
+    weights = {k: v.astype(compute_dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     del weights
     if not lazy:
@@ -80,9 +79,11 @@ def _quantize_like(model: Model, quantization: dict, weights: dict[str, mx.array
         group_size, bits = int(quantization["group_size"]), int(quantization["bits"])
         mode = str(quantization.get("mode", "affine"))
     except (KeyError, TypeError, ValueError):
-        raise PaliGemmaError(f"{model_dir}/config.json: malformed 'quantization' entry {quantization!r} "
-                             f"(expected group_size and bits)") from None
+        raise PaliGemmaError(
+            f"{model_dir}/config.json: malformed 'quantization' entry {quantization!r} (expected group_size and bits)"
+        ) from None
     if mode != "affine":
         raise PaliGemmaError(f"{model_dir}/config.json: quantization mode {mode!r} is not supported (affine only)")
-    nn.quantize(model, group_size=group_size, bits=bits,
-                class_predicate=lambda path, module: f"{path}.scales" in weights)
+    nn.quantize(
+        model, group_size=group_size, bits=bits, class_predicate=lambda path, module: f"{path}.scales" in weights
+    )

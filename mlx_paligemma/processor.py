@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -142,9 +143,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
 class Processor:
     """Turns images and prompts into `input_ids`, `attention_mask`, `token_type_ids`, `pixel_values`."""
 
-    def __init__(self, tokenizer: "Tokenizer | JsonTokenizer", config: PaliGemmaConfig, image_size: int | None = None,
-                 image_mean: Sequence[float] = (0.5, 0.5, 0.5), image_std: Sequence[float] = (0.5, 0.5, 0.5),
-                 rescale_factor: float = 1 / 255, to_array: Callable[[np.ndarray], Any] = lambda a: a):
+    def __init__(
+        self,
+        tokenizer: Tokenizer | JsonTokenizer,
+        config: PaliGemmaConfig,
+        image_size: int | None = None,
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        rescale_factor: float = 1 / 255,
+        to_array: Callable[[np.ndarray], Any] = lambda a: a,
+    ):
         self.tokenizer = tokenizer
         self.image_token_id = config.image_token_id
         self.num_image_tokens = config.num_image_tokens
@@ -155,8 +163,9 @@ class Processor:
         self.to_array = to_array
 
     @classmethod
-    def from_dir(cls, model_dir: str | os.PathLike, config: PaliGemmaConfig,
-                 to_array: Callable[[np.ndarray], Any] = lambda a: a) -> "Processor":
+    def from_dir(
+        cls, model_dir: str | os.PathLike, config: PaliGemmaConfig, to_array: Callable[[np.ndarray], Any] = lambda a: a
+    ) -> Processor:
         model_dir = Path(model_dir)
         tok_file = model_dir / "tokenizer.model"
         if tok_file.is_file():
@@ -184,8 +193,9 @@ class Processor:
                 kwargs["image_mean"], kwargs["image_std"] = (0.0,) * 3, (1.0,) * 3
             kwargs["rescale_factor"] = d.get("rescale_factor", 1 / 255) if d.get("do_rescale", True) else 1.0
         if kwargs.get("image_size", config.vision_config.image_size) != config.vision_config.image_size:
-            raise ProcessorError(f"{pre}: image size {kwargs['image_size']} differs from the model's "
-                                 f"{config.vision_config.image_size}")
+            raise ProcessorError(
+                f"{pre}: image size {kwargs['image_size']} differs from the model's {config.vision_config.image_size}"
+            )
         return cls(tokenizer, config, to_array=to_array, **kwargs)
 
     # -- images -------------------------------------------------------------------------------
@@ -217,13 +227,17 @@ class Processor:
         attention_mask = np.zeros((len(rows), length), dtype=np.int32)
         token_type_ids = np.zeros((len(rows), length), dtype=np.int32)
         for i, (ids, types) in enumerate(rows):
-            input_ids[i, length - len(ids):] = ids
-            attention_mask[i, length - len(ids):] = 1
-            token_type_ids[i, length - len(ids):] = types
+            input_ids[i, length - len(ids) :] = ids
+            attention_mask[i, length - len(ids) :] = 1
+            token_type_ids[i, length - len(ids) :] = types
         return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
 
-    def __call__(self, images: ImageInput | Sequence[ImageInput], prompts: str | Sequence[str],
-                 suffixes: str | Sequence[str] | None = None) -> dict[str, Any]:
+    def __call__(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        prompts: str | Sequence[str],
+        suffixes: str | Sequence[str] | None = None,
+    ) -> dict[str, Any]:
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if isinstance(suffixes, str):

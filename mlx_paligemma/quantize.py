@@ -20,8 +20,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,9 +34,9 @@ from .errors import PaliGemmaError
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
-MAX_SHARD_BYTES = 5 * 1024 ** 3
-EVAL_BATCH_ELEMENTS = 2 ** 25   # ~32M weights (64 MB of bf16) evaluated together
-PROGRESS_SECONDS = 5.0      # at most one progress line this often while tensors are converted
+MAX_SHARD_BYTES = 5 * 1024**3
+EVAL_BATCH_ELEMENTS = 2**25  # ~32M weights (64 MB of bf16) evaluated together
+PROGRESS_SECONDS = 5.0  # at most one progress line this often while tensors are converted
 # Everything a checkpoint folder holds besides weights and config: tokenizer and processor files.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".h5", ".msgpack", ".gguf")
 _NOT_COPIED = {"config.json", "model.safetensors.index.json", "README.md"}
@@ -88,8 +89,11 @@ def _write_weights(directory: Path, weights: dict[str, mx.array], progress: Call
             size = 0
         shards[-1][key] = array
         size += array.nbytes
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     total_bytes = sum(a.nbytes for a in weights.values())
     progress(f"converting {len(weights)} tensors ({total_bytes / 1e9:.2f} GB) into {len(shards)} file(s)")
     done, last_report = 0, time.monotonic()
@@ -101,11 +105,14 @@ def _write_weights(directory: Path, weights: dict[str, mx.array], progress: Call
                 progress(f"  {done}/{len(weights)} tensors ({batch[-1]})")
                 last_report = time.monotonic()
         mx.save_safetensors(str(directory / name), shard, metadata={"format": "mlx"})
-        progress(f"  wrote {name} ({sum(a.nbytes for a in shard.values()) / 1e9:.2f} GB, "
-                 f"{done}/{len(weights)} tensors)")
+        progress(
+            f"  wrote {name} ({sum(a.nbytes for a in shard.values()) / 1e9:.2f} GB, {done}/{len(weights)} tensors)"
+        )
     if len(shards) > 1:
-        index = {"metadata": {"total_size": total_bytes},
-                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+        index = {
+            "metadata": {"total_size": total_bytes},
+            "weight_map": {k: name for name, shard in zip(names, shards) for k in shard},
+        }
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -146,17 +153,26 @@ def _model_card(src: str, bits: Optional[int], group_size: int, dtype: str, quan
     else:
         vision = "vision tower and projector included" if quantize_vision else f"vision tower and projector in {dtype}"
         what = f"{bits}-bit (group size {group_size}) quantization of the decoder and its tied embedding; {vision}"
-    return (f"# PaliGemma for MLX\n\nConverted from `{src}` with `python -m mlx_paligemma.quantize` on "
-            f"{datetime.date.today().isoformat()}: {what}.\n\n"
-            "```python\nimport mlx_paligemma as mp\n\n"
-            "model, processor = mp.load(\"path/to/this/folder\")\n"
-            "print(mp.generate(model, processor, \"cat.jpg\", \"caption en\").text)\n```\n\n"
-            "The licence of the source checkpoint applies.\n")
+    return (
+        f"# PaliGemma for MLX\n\nConverted from `{src}` with `python -m mlx_paligemma.quantize` on "
+        f"{datetime.date.today().isoformat()}: {what}.\n\n"
+        "```python\nimport mlx_paligemma as mp\n\n"
+        'model, processor = mp.load("path/to/this/folder")\n'
+        'print(mp.generate(model, processor, "cat.jpg", "caption en").text)\n```\n\n'
+        "The licence of the source checkpoint applies.\n"
+    )
 
 
-def quantize(src: str | os.PathLike, out: str | os.PathLike, bits: Optional[int] = None, group_size: int = 64,
-             dtype: Optional[str] = None, quantize_vision: bool = False, force: bool = False,
-             progress: Callable[[str], None] = _log) -> Path:
+def quantize(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    bits: Optional[int] = None,
+    group_size: int = 64,
+    dtype: Optional[str] = None,
+    quantize_vision: bool = False,
+    force: bool = False,
+    progress: Callable[[str], None] = _log,
+) -> Path:
     """Write `src` (folder or hub id) to `out` as an MLX checkpoint, quantized when `bits` is given."""
     from .load import load_model
 
@@ -167,32 +183,45 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike, bits: Optional[int]
     src_dir = resolve_model_dir(src)
     out = Path(out).expanduser()
     _check_destination(src_dir, out, force)
-    q = load_config(src_dir).quantization            # also a clear error for a missing or broken config.json
+    q = load_config(src_dir).quantization  # also a clear error for a missing or broken config.json
     if q:
         what = f" ({q.get('bits')}-bit, group size {q.get('group_size')})" if isinstance(q, dict) else ""
-        raise PaliGemmaError(f"{src_dir}: already quantized{what}; convert or quantize from the float "
-                             f"checkpoint instead")
-    raw_config = json.loads((src_dir / "config.json").read_text())   # copied as is, only quantization added
+        raise PaliGemmaError(
+            f"{src_dir}: already quantized{what}; convert or quantize from the float checkpoint instead"
+        )
+    raw_config = json.loads((src_dir / "config.json").read_text())  # copied as is, only quantization added
 
     progress(f"reading {src}")
-    model = load_model(src_dir, dtype, lazy=True)   # tensors are read (and freed) batch by batch when written
-    dtype_name = next(name for name, value in (("float32", mx.float32), ("bfloat16", mx.bfloat16),
-                                                ("float16", mx.float16)) if value == model.dtype)
+    model = load_model(src_dir, dtype, lazy=True)  # tensors are read (and freed) batch by batch when written
+    dtype_name = next(
+        name
+        for name, value in (("float32", mx.float32), ("bfloat16", mx.bfloat16), ("float16", mx.float16))
+        if value == model.dtype
+    )
     if bits is not None:
-        skipped = sorted(path for path, module in model.named_modules()
-                   if isinstance(module, (nn.Linear, nn.Embedding))
-                   and (path.startswith("language_model.") or quantize_vision)
-                   and not quantizable(path, module, group_size, quantize_vision))
+        skipped = sorted(
+            path
+            for path, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Embedding))
+            and (path.startswith("language_model.") or quantize_vision)
+            and not quantizable(path, module, group_size, quantize_vision)
+        )
         for path in skipped:
             progress(f"keeping {path} in {dtype_name}: its input width is not a multiple of {group_size}")
-        progress(f"quantizing to {bits} bits, group size {group_size}"
-                 f"{'' if quantize_vision else f'; vision tower and projector stay {dtype_name}'}")
-        nn.quantize(model, group_size=group_size, bits=bits,
-                    class_predicate=lambda p, m: quantizable(p, m, group_size, quantize_vision))
+        progress(
+            f"quantizing to {bits} bits, group size {group_size}"
+            f"{'' if quantize_vision else f'; vision tower and projector stay {dtype_name}'}"
+        )
+        nn.quantize(
+            model,
+            group_size=group_size,
+            bits=bits,
+            class_predicate=lambda p, m: quantizable(p, m, group_size, quantize_vision),
+        )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    tmp.chmod(0o777 & ~_umask())   # mkdtemp makes it private (0700); the checkpoint should not be
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the checkpoint should not be
     try:
         _write_weights(tmp, dict(tree_flatten(model.parameters())), progress)
         config = {k: v for k, v in raw_config.items() if k not in ("quantization", "quantization_config")}
@@ -218,24 +247,37 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = _Parser(prog="python -m mlx_paligemma.quantize",
-                description="Convert a PaliGemma checkpoint to MLX, optionally quantized to 4 or 8 bits.")
+    p = _Parser(
+        prog="python -m mlx_paligemma.quantize",
+        description="Convert a PaliGemma checkpoint to MLX, optionally quantized to 4 or 8 bits.",
+    )
     p.add_argument("--model", required=True, help="source checkpoint directory or Hugging Face repo id")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --force)")
     p.add_argument("--bits", type=int, choices=BITS, default=None, help="4 or 8 (default: no quantization)")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64, help="quantization group (64)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                   help="float dtype of what is not quantized (default: the checkpoint's)")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="float dtype of what is not quantized (default: the checkpoint's)",
+    )
     p.add_argument("--quantize-vision", action="store_true", help="quantize the vision tower and projector too")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = p.parse_args(argv)
     try:
-        quantize(args.model, args.out, bits=args.bits, group_size=args.group_size, dtype=args.dtype,
-                 quantize_vision=args.quantize_vision, force=args.force)
+        quantize(
+            args.model,
+            args.out,
+            bits=args.bits,
+            group_size=args.group_size,
+            dtype=args.dtype,
+            quantize_vision=args.quantize_vision,
+            force=args.force,
+        )
     except PaliGemmaError as e:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:   # disk full, permission denied: the partial output is already removed
+    except OSError as e:  # disk full, permission denied: the partial output is already removed
         print(f"{p.prog}: error: {e}; nothing was written to {args.out}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -9,8 +9,9 @@ Segmentation answers add 16 `<segNNN>` codes (a 4x4 grid of a VQ-VAE codebook) b
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 from PIL import Image, ImageDraw
 
@@ -19,17 +20,18 @@ from .errors import PaliGemmaError
 LOC_BINS = 1024
 
 _OBJECT = re.compile(
-    r"<loc(\d{4})>\s*<loc(\d{4})>\s*<loc(\d{4})>\s*<loc(\d{4})>"   # y0 x0 y1 x1
-    r"((?:\s*<seg\d{3}>){16})?"                                      # optional segmentation codes
-    r"\s*([^<;]*)")                                                  # label, up to the next token or ';'
+    r"<loc(\d{4})>\s*<loc(\d{4})>\s*<loc(\d{4})>\s*<loc(\d{4})>"  # y0 x0 y1 x1
+    r"((?:\s*<seg\d{3}>){16})?"  # optional segmentation codes
+    r"\s*([^<;]*)"
+)  # label, up to the next token or ';'
 _SEG = re.compile(r"<seg(\d{3})>")
 
 
 @dataclass
 class Detection:
     label: str
-    box: tuple[float, float, float, float]      # (x0, y0, x1, y1) in original-image pixels
-    seg_codes: Optional[list[int]] = field(default=None)   # 16 codebook indices for segmentation answers
+    box: tuple[float, float, float, float]  # (x0, y0, x1, y1) in original-image pixels
+    seg_codes: Optional[list[int]] = field(default=None)  # 16 codebook indices for segmentation answers
 
     def to_dict(self) -> dict:
         d = {"label": self.label, "box": [round(v, 2) for v in self.box]}

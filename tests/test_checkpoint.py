@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 import mlx_paligemma as mp
 from mlx_paligemma.checkpoint import canonical_key, open_checkpoint
-from conftest import noise_image
+from tests.helpers import noise_image
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +45,17 @@ def single_file_copy(src: Path, dst: Path, rename=lambda k: k, drop=(), add=None
 
 
 def test_key_layouts_map_to_one_tree():
-    assert canonical_key("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight") == \
-        canonical_key("vision_tower.encoder.layers.0.mlp.fc1.weight") == \
-        canonical_key("model.vision_tower.encoder.layers.0.mlp.fc1.weight") == "vision_tower.encoder.layers.0.mlp.fc1.weight"
-    assert canonical_key("language_model.model.layers.3.self_attn.q_proj.weight") == \
-        canonical_key("model.language_model.layers.3.self_attn.q_proj.weight") == "language_model.layers.3.self_attn.q_proj.weight"
+    assert (
+        canonical_key("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight")
+        == canonical_key("vision_tower.encoder.layers.0.mlp.fc1.weight")
+        == canonical_key("model.vision_tower.encoder.layers.0.mlp.fc1.weight")
+        == "vision_tower.encoder.layers.0.mlp.fc1.weight"
+    )
+    assert (
+        canonical_key("language_model.model.layers.3.self_attn.q_proj.weight")
+        == canonical_key("model.language_model.layers.3.self_attn.q_proj.weight")
+        == "language_model.layers.3.self_attn.q_proj.weight"
+    )
     assert canonical_key("lm_head.weight") == "lm_head.weight"
 
 
@@ -58,15 +64,17 @@ def test_sharded_hub_layout_is_indexed(pg1_dir):
     ckpt = open_checkpoint(pg1_dir)
     assert len(ckpt.files) == 2 and len(ckpt.tensors) == len(index["weight_map"])
     assert any(k.startswith("vision_tower.vision_model.") for k in index["weight_map"])
-    assert "lm_head.weight" not in ckpt.tensors          # tied: the head is the embedding
+    assert "lm_head.weight" not in ckpt.tensors  # tied: the head is the embedding
 
 
 @pytest.mark.parametrize("prefix", ["model.", ""])
 def test_alternative_layouts_give_identical_logits(pg1_dir, tmp_path, reference_logits, prefix):
     """transformers-5 names (`vision_tower.*`, `language_model.*`) and a leading `model.`."""
+
     def rename(k):
         return prefix + k.replace("vision_tower.vision_model.", "vision_tower.").replace(
-            "language_model.model.", "language_model.")
+            "language_model.model.", "language_model."
+        )
 
     moved = single_file_copy(pg1_dir, tmp_path / "moved", rename=rename)
     batch, expected = reference_logits
@@ -83,7 +91,7 @@ def test_dtype_argument(pg1_dir):
 
 
 def test_checkpoint_dtype_is_the_default(tmp_path):
-    from make_tiny_checkpoint import make_tiny_checkpoint
+    from tools.make_tiny_checkpoint import make_tiny_checkpoint
 
     d = make_tiny_checkpoint(tmp_path / "bf16", version=2, dtype="bfloat16")
     model, _ = mp.load(d)
@@ -99,16 +107,18 @@ def test_missing_tensor(pg1_dir, tmp_path):
 
 def test_unexpected_tensor_names_key_and_file(pg1_dir, tmp_path):
     d = single_file_copy(pg1_dir, tmp_path / "c", add={"vision_tower.vision_model.head.probe": np.zeros(3, np.float32)})
-    with pytest.raises(mp.CheckpointError,
-                       match=r"unexpected tensor 'vision_tower.head.probe' in model.safetensors"):
+    with pytest.raises(mp.CheckpointError, match=r"unexpected tensor 'vision_tower.head.probe' in model.safetensors"):
         mp.load(d)
 
 
 def test_misshaped_tensor_names_key_file_and_shapes(pg1_dir, tmp_path):
     key = "multi_modal_projector.linear.weight"
     d = single_file_copy(pg1_dir, tmp_path / "c", reshape={key: (7, 5)})
-    with pytest.raises(mp.CheckpointError, match=r"tensor 'multi_modal_projector.linear.weight' in "
-                                                 r"model.safetensors .* has shape \(7, 5\), expected \(64, 32\)"):
+    with pytest.raises(
+        mp.CheckpointError,
+        match=r"tensor 'multi_modal_projector.linear.weight' in "
+        r"model.safetensors .* has shape \(7, 5\), expected \(64, 32\)",
+    ):
         mp.load(d)
 
 
@@ -132,7 +142,9 @@ def test_pickle_weights_are_refused_never_unpickled(pg1_dir, tmp_path, monkeypat
     canary = tmp_path / "unpickled"
     monkeypatch.setenv("PG_PICKLE_CANARY", str(canary))
     (d / "pytorch_model.bin").write_bytes(pickle.dumps(_Boom()))
-    with pytest.raises(mp.CheckpointError, match=r"only pickle weights \(pytorch_model.bin\); they are never unpickled"):
+    with pytest.raises(
+        mp.CheckpointError, match=r"only pickle weights \(pytorch_model.bin\); they are never unpickled"
+    ):
         mp.load(d)
     assert not canary.exists()
 
@@ -170,11 +182,12 @@ def _hub_cache(pg_dir: Path, hf_home: Path, repo_id: str) -> None:
 def _run_load(repo_id: str, hf_home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_TOKEN", None)
-    code = ("import sys, mlx_paligemma as mp\n"
-            "try:\n    m, p = mp.load(sys.argv[1]); print('loaded', p.num_image_tokens)\n"
-            "except mp.PaliGemmaError as e:\n    print('error:', e)\n")
-    return subprocess.run([sys.executable, "-c", code, repo_id], env=env, capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import sys, mlx_paligemma as mp\n"
+        "try:\n    m, p = mp.load(sys.argv[1]); print('loaded', p.num_image_tokens)\n"
+        "except mp.PaliGemmaError as e:\n    print('error:', e)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code, repo_id], env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_hub_id_loads_from_the_cache_offline(pg1_dir, tmp_path):
@@ -196,10 +209,13 @@ def _http_error(cls, status):
     return cls("denied", response=SimpleNamespace(status_code=status, headers={}, request=None))
 
 
-@pytest.mark.parametrize("error, message", [
-    ("GatedRepoError", "this repository is gated; accept its licence .* set HF_TOKEN"),
-    ("RepositoryNotFoundError", "repository not found on the Hugging Face hub .*HF_TOKEN"),
-])
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        ("GatedRepoError", "this repository is gated; accept its licence .* set HF_TOKEN"),
+        ("RepositoryNotFoundError", "repository not found on the Hugging Face hub .*HF_TOKEN"),
+    ],
+)
 def test_hub_errors_say_what_to_do(monkeypatch, error, message):
     import huggingface_hub
     import huggingface_hub.errors as hub_errors
@@ -214,13 +230,15 @@ def test_hub_errors_say_what_to_do(monkeypatch, error, message):
 
 def test_loading_is_lazy(tmp_path):
     """The process never holds two copies: peak memory during load stays near one copy of the weights."""
-    from make_tiny_checkpoint import make_tiny_checkpoint
+    from tools.make_tiny_checkpoint import make_tiny_checkpoint
 
-    code = ("import sys, mlx.core as mx, mlx_paligemma as mp\n"
-            "from mlx.utils import tree_flatten\n"
-            "m, _ = mp.load(sys.argv[1])\n"
-            "size = sum(v.nbytes for _, v in tree_flatten(m.parameters()))\n"
-            "print(size, mx.get_peak_memory())\n")
+    code = (
+        "import sys, mlx.core as mx, mlx_paligemma as mp\n"
+        "from mlx.utils import tree_flatten\n"
+        "m, _ = mp.load(sys.argv[1])\n"
+        "size = sum(v.nbytes for _, v in tree_flatten(m.parameters()))\n"
+        "print(size, mx.get_peak_memory())\n"
+    )
     d = make_tiny_checkpoint(tmp_path / "wide", version=1, dtype="float32")
     out = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, timeout=120)
     size, peak = map(int, out.stdout.split())

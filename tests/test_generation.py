@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mlx_paligemma as mp
-from conftest import hf_model, noise_image
+from tests.helpers import hf_model, noise_image
 
 NEW_TOKENS = 24
 PROMPTS = ["caption en", "answer en what is the small animal next to the blue door doing?"]
@@ -22,26 +22,32 @@ def hf_greedy(model_dir, processor, image, prompt) -> list[int]:
     batch = {k: torch.from_numpy(np.asarray(v)) for k, v in processor(images=[image], prompts=[prompt]).items()}
     with torch.no_grad():
         out = hf_model(model_dir).generate(
-            input_ids=batch["input_ids"].long(), attention_mask=batch["attention_mask"].long(),
-            token_type_ids=batch["token_type_ids"].long(), pixel_values=batch["pixel_values"],
-            max_new_tokens=NEW_TOKENS, do_sample=False)
-    new = out[0, batch["input_ids"].shape[1]:].tolist()
+            input_ids=batch["input_ids"].long(),
+            attention_mask=batch["attention_mask"].long(),
+            token_type_ids=batch["token_type_ids"].long(),
+            pixel_values=batch["pixel_values"],
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+        )
+    new = out[0, batch["input_ids"].shape[1] :].tolist()
     eos = processor.tokenizer.eos_id
-    return new[:new.index(eos)] if eos in new else new
+    return new[: new.index(eos)] if eos in new else new
 
 
 # Random tied-embedding models tend to repeat their input token. Scales found by measuring the
 # oracle's greedy output (distinct tokens out of 24): PaliGemma 1 grows out of it with large
 # weights (x4); PaliGemma 2's post-norms cap each layer's output, so there the embeddings must
 # be small (x0.5) for the layers to steer (11 and 9 distinct tokens with seed 7).
-GEN_CHECKPOINTS = {"pg1": dict(version=1, layout="hub", weight_scale=4.0, seed=7),
-                   "pg2": dict(version=2, layout="transformers", sliding_window=8, weight_scale=0.5, seed=7)}
+GEN_CHECKPOINTS = {
+    "pg1": dict(version=1, layout="hub", weight_scale=4.0, seed=7),
+    "pg2": dict(version=2, layout="transformers", sliding_window=8, weight_scale=0.5, seed=7),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(GEN_CHECKPOINTS))
 def gen_ckpt(request, tmp_path_factory):
     """Checkpoints whose greedy answers wander instead of repeating one token."""
-    from make_tiny_checkpoint import make_tiny_checkpoint
+    from tools.make_tiny_checkpoint import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("gen") / request.param, **GEN_CHECKPOINTS[request.param])
 
@@ -89,14 +95,17 @@ def test_stream_pieces_join_to_generate_text(mlx_pair):
     assert "".join(c.text for c in chunks) == result.text
     assert chunks[-1].finish_reason in ("stop", "length")
     assert chunks[-1].stats.prompt_tokens == processor.num_image_tokens + 1 + len(
-        processor.tokenizer.encode("caption en\n"))
+        processor.tokenizer.encode("caption en\n")
+    )
 
 
 def test_seeded_sampling_is_reproducible(mlx_pair):
     model, processor = mlx_pair
     image = noise_image(40, 40, seed=4)
-    runs = [mp.generate(model, processor, image, "caption en", max_tokens=16, temperature=1.5, seed=s).token_ids
-            for s in (11, 11, 12)]
+    runs = [
+        mp.generate(model, processor, image, "caption en", max_tokens=16, temperature=1.5, seed=s).token_ids
+        for s in (11, 11, 12)
+    ]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
@@ -125,8 +134,10 @@ def test_encoded_image_is_reused_on_the_torch_backend(gen_ckpt):
     model, processor = reference.load(gen_ckpt, device="cpu")
     image = noise_image(40, 40, seed=8)
     embedded = mp.encode_image(model, processor, image)
-    assert mp.generate(model, processor, embedded, "caption en", max_tokens=8).token_ids == \
-        mp.generate(model, processor, image, "caption en", max_tokens=8).token_ids
+    assert (
+        mp.generate(model, processor, embedded, "caption en", max_tokens=8).token_ids
+        == mp.generate(model, processor, image, "caption en", max_tokens=8).token_ids
+    )
 
 
 def test_encoded_image_runs_vision_once(mlx_pair, monkeypatch):
@@ -147,8 +158,9 @@ def test_breaking_a_stream_releases_its_cache(mlx_pair, monkeypatch):
     model, processor = mlx_pair
     caches = []
     make_cache = type(model).make_cache
-    monkeypatch.setattr(type(model), "make_cache",
-                        lambda self, mask: caches.append(weakref.ref(c := make_cache(self, mask))) or c)
+    monkeypatch.setattr(
+        type(model), "make_cache", lambda self, mask: caches.append(weakref.ref(c := make_cache(self, mask))) or c
+    )
     for i, _ in enumerate(mp.stream_generate(model, processor, noise_image(20, 20), "caption en", max_tokens=50)):
         if i == 2:
             break
@@ -156,12 +168,15 @@ def test_breaking_a_stream_releases_its_cache(mlx_pair, monkeypatch):
     assert len(caches) == 1 and caches[0]() is None
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(max_tokens=0), "max_tokens: must be at least 1"),
-    (dict(temperature=-1.0), "temperature: must be >= 0"),
-    (dict(top_p=0.0), "top_p: must be in"),
-    (dict(top_k=-2), "top_k: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_tokens=0), "max_tokens: must be at least 1"),
+        (dict(temperature=-1.0), "temperature: must be >= 0"),
+        (dict(top_p=0.0), "top_p: must be in"),
+        (dict(top_k=-2), "top_k: must be >= 0"),
+    ],
+)
 def test_bad_options_are_clear_errors(mlx_pair, kwargs, message):
     model, processor = mlx_pair
     with pytest.raises(mp.PaliGemmaError, match=message):

@@ -12,14 +12,18 @@ import numpy as np
 import pytest
 
 import mlx_paligemma as mp
-from conftest import hf_logits, hf_model, noise_image
+from tests.helpers import hf_logits, hf_model, noise_image
 
 FP32_TOL = 1e-4
 
 
 def mlx_logits(model, batch) -> np.ndarray:
-    out = model(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
-                token_type_ids=batch["token_type_ids"])
+    out = model(
+        batch["input_ids"],
+        batch["pixel_values"],
+        attention_mask=batch["attention_mask"],
+        token_type_ids=batch["token_type_ids"],
+    )
     return np.asarray(out.astype(mx.float32))
 
 
@@ -50,8 +54,11 @@ def test_sequence_is_longer_than_sliding_window(pg2_dir):
 
 def test_prompt_with_suffix_matches_transformers(loaded):
     ckpt_dir, model, processor = loaded
-    batch = processor(images=[noise_image(64, 64, seed=3)], prompts=["answer en what is this?"],
-                      suffixes=["a small grey cat on a mat"])
+    batch = processor(
+        images=[noise_image(64, 64, seed=3)],
+        prompts=["answer en what is this?"],
+        suffixes=["a small grey cat on a mat"],
+    )
     types = np.asarray(batch["token_type_ids"])[0]
     assert types[-1] == 1 and types[0] == 0 and types.sum() > 3
     ours, ref = mlx_logits(model, batch), hf_logits(ckpt_dir, as_numpy(batch))
@@ -106,32 +113,51 @@ def test_bfloat16_agrees_on_top1(loaded, capsys):
 
     ckpt_dir, _, processor = loaded
     model16, _ = mp.load(ckpt_dir, dtype="bfloat16")
-    prompts = ["caption en", "answer en what colour is the car parked near the house?", "detect cat ; dog",
-               "describe en", "ocr", "question en a bird"]
+    prompts = [
+        "caption en",
+        "answer en what colour is the car parked near the house?",
+        "detect cat ; dog",
+        "describe en",
+        "ocr",
+        "question en a bird",
+    ]
     images = [noise_image(40 + 10 * i, 70 - 5 * i, seed=10 + i) for i in range(len(prompts))]
     batch = processor(images=images, prompts=prompts, suffixes=["a short answer"] * len(prompts))
     mask = np.asarray(batch["attention_mask"]).astype(bool)
-    raw = model16(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
-                  token_type_ids=batch["token_type_ids"])
+    raw = model16(
+        batch["input_ids"],
+        batch["pixel_values"],
+        attention_mask=batch["attention_mask"],
+        token_type_ids=batch["token_type_ids"],
+    )
     assert raw.dtype == mx.bfloat16, "activations must stay in bf16 (no silent float32 upcast)"
     ours = np.asarray(raw.astype(mx.float32))[mask]
     ref = hf_logits(ckpt_dir, as_numpy(batch))[mask]
     hf16 = hf_model(ckpt_dir, "bfloat16")
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
     with torch.no_grad():
-        theirs = hf16(input_ids=t["input_ids"].long(), pixel_values=t["pixel_values"].to(torch.bfloat16),
-                      attention_mask=t["attention_mask"].long(),
-                      token_type_ids=t["token_type_ids"].long()).logits.float().numpy()[mask]
+        theirs = (
+            hf16(
+                input_ids=t["input_ids"].long(),
+                pixel_values=t["pixel_values"].to(torch.bfloat16),
+                attention_mask=t["attention_mask"].long(),
+                token_type_ids=t["token_type_ids"].long(),
+            )
+            .logits.float()
+            .numpy()[mask]
+        )
 
     top2 = np.sort(ref, axis=-1)[:, -2:]
     decisive = top2[:, 1] - top2[:, 0] > 0.05
     agree = ours.argmax(-1) == ref.argmax(-1)
     their_agreement = (theirs.argmax(-1) == ref.argmax(-1)).mean()
     with capsys.disabled():
-        print(f"\n[bf16 {ckpt_dir.name}] max |diff| {np.abs(ours - ref).max():.4f} "
-              f"(transformers bf16: {np.abs(theirs - ref).max():.4f}); top-1 agreement {agree.mean():.1%} "
-              f"(transformers bf16: {their_agreement:.1%}) over {len(ref)} positions, "
-              f"{agree[decisive].mean():.1%} over {decisive.sum()} decisive ones")
+        print(
+            f"\n[bf16 {ckpt_dir.name}] max |diff| {np.abs(ours - ref).max():.4f} "
+            f"(transformers bf16: {np.abs(theirs - ref).max():.4f}); top-1 agreement {agree.mean():.1%} "
+            f"(transformers bf16: {their_agreement:.1%}) over {len(ref)} positions, "
+            f"{agree[decisive].mean():.1%} over {decisive.sum()} decisive ones"
+        )
     assert decisive.mean() > 0.7
     assert agree[decisive].mean() >= 0.99
     assert agree.mean() >= their_agreement - 0.01

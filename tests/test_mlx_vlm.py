@@ -32,12 +32,20 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import mlx_paligemma as mp
-from conftest import noise_image
+from tests.helpers import noise_image
 
 TOL = 1e-4
 TOL_SAME_EPS = 1e-5
-PROMPTS = ["caption en", "answer en what is on the table?", "detect cat ; dog", "ocr", "  two  spaces\tand tab",
-           "café ☕ 42%", "<loc0005><seg012> x", ""]
+PROMPTS = [
+    "caption en",
+    "answer en what is on the table?",
+    "detect cat ; dog",
+    "ocr",
+    "  two  spaces\tand tab",
+    "café ☕ 42%",
+    "<loc0005><seg012> x",
+    "",
+]
 
 
 def _head_dim_as_mlx_vlm_derives(directory: Path) -> None:
@@ -50,11 +58,14 @@ def _head_dim_as_mlx_vlm_derives(directory: Path) -> None:
     for key, w in weights.items():
         if not key.startswith("language_model."):
             continue
-        if key.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):      # (heads * hd, hidden)
-            weights[key] = np.ascontiguousarray(w.reshape(-1, stored_head_dim, hidden)[:, :head_dim].reshape(-1, hidden))
-        elif key.endswith("o_proj.weight"):                                          # (hidden, heads * hd)
-            weights[key] = np.ascontiguousarray(w.reshape(hidden, heads, stored_head_dim)[..., :head_dim]
-                                                .reshape(hidden, -1))
+        if key.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):  # (heads * hd, hidden)
+            weights[key] = np.ascontiguousarray(
+                w.reshape(-1, stored_head_dim, hidden)[:, :head_dim].reshape(-1, hidden)
+            )
+        elif key.endswith("o_proj.weight"):  # (hidden, heads * hd)
+            weights[key] = np.ascontiguousarray(
+                w.reshape(hidden, heads, stored_head_dim)[..., :head_dim].reshape(hidden, -1)
+            )
     save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
     text["head_dim"] = head_dim
     (directory / "config.json").write_text(json.dumps(config))
@@ -62,11 +73,12 @@ def _head_dim_as_mlx_vlm_derives(directory: Path) -> None:
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["pg1", "pg2"])
 def source(request, tmp_path_factory) -> Path:
-    from make_tiny_checkpoint import make_tiny_checkpoint
+    from tools.make_tiny_checkpoint import make_tiny_checkpoint
 
     version = request.param
-    d = make_tiny_checkpoint(tmp_path_factory.mktemp("vlm") / f"pg{version}", version=version,
-                             sliding_window=64 if version == 2 else None)
+    d = make_tiny_checkpoint(
+        tmp_path_factory.mktemp("vlm") / f"pg{version}", version=version, sliding_window=64 if version == 2 else None
+    )
     if version == 1:
         _head_dim_as_mlx_vlm_derives(d)
     config = json.loads((d / "config.json").read_text())
@@ -91,11 +103,13 @@ def test_mlx_vlm_conversion_loads_and_matches_mlx_vlm(source, tmp_path, bits, ca
     a = np.asarray(ours(batch["input_ids"], batch["pixel_values"]))
     b = np.asarray(theirs(batch["input_ids"], batch["pixel_values"], mask=batch["attention_mask"]).logits)
     assert a.shape == b.shape
-    ours.vision_tower.post_layernorm.eps = 1e-5          # mlx-vlm's value
+    ours.vision_tower.post_layernorm.eps = 1e-5  # mlx-vlm's value
     a_same_eps = np.asarray(ours(batch["input_ids"], batch["pixel_values"]))
     with capsys.disabled():
-        print(f"\n[mlx-vlm {source.name} bits={bits}] max |diff| {np.abs(a - b).max():.2e} "
-              f"(with mlx-vlm's eps {np.abs(a_same_eps - b).max():.2e}), max |logit| {np.abs(b).max():.2f}")
+        print(
+            f"\n[mlx-vlm {source.name} bits={bits}] max |diff| {np.abs(a - b).max():.2e} "
+            f"(with mlx-vlm's eps {np.abs(a_same_eps - b).max():.2e}), max |logit| {np.abs(b).max():.2f}"
+        )
     assert np.abs(a - b).max() <= TOL
     assert np.abs(a_same_eps - b).max() <= TOL_SAME_EPS
     if bits is not None:
@@ -116,8 +130,11 @@ def test_mlx_vlm_tokenizer_json_tokenizes_like_the_source_sentencepiece(source, 
     assert type(js.tokenizer).__name__ == "JsonTokenizer"
     for prompt in PROMPTS:
         assert js.tokenizer.encode(prompt + "\n") == spm.tokenizer.encode(prompt + "\n"), prompt
-    assert (js.tokenizer.bos_id, js.tokenizer.eos_id, js.tokenizer.pad_id) == \
-           (spm.tokenizer.bos_id, spm.tokenizer.eos_id, spm.tokenizer.pad_id)
+    assert (js.tokenizer.bos_id, js.tokenizer.eos_id, js.tokenizer.pad_id) == (
+        spm.tokenizer.bos_id,
+        spm.tokenizer.eos_id,
+        spm.tokenizer.pad_id,
+    )
 
 
 def test_mlx_vlm_quantized_model_generates(source, tmp_path):

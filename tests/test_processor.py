@@ -9,7 +9,7 @@ from PIL import Image
 import mlx_paligemma as mp
 from mlx_paligemma.config import load_config
 from mlx_paligemma.processor import Processor
-from conftest import noise_image
+from tests.helpers import noise_image
 
 # Measured: max |ours - transformers| = 0 to ~2.4e-7 (float32 rounding of the same PIL resize).
 PIXEL_TOL = 1e-5
@@ -42,11 +42,14 @@ def test_transparency_is_composited_on_white(processor):
     assert np.allclose(processor.preprocess_image(clear), 1.0)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: noise_image(40, 30).convert("P"),
-    lambda: noise_image(40, 30).convert("CMYK"),
-    lambda: Image.fromarray(np.full((30, 40), 65535, dtype=np.uint16)),   # 16-bit white
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: noise_image(40, 30).convert("P"),
+        lambda: noise_image(40, 30).convert("CMYK"),
+        lambda: Image.fromarray(np.full((30, 40), 65535, dtype=np.uint16)),  # 16-bit white
+    ],
+)
 def test_other_modes_become_rgb(processor, make):
     image = make()
     pixels = processor.preprocess_image(image)
@@ -86,8 +89,16 @@ def hf_processor(pg1_dir):
     return PaliGemmaProcessor.from_pretrained(pg1_dir)
 
 
-@pytest.mark.parametrize("prompt", ["caption en", "answer en what is on the table?\nbe brief",
-                                    "  leading spaces", "ocr café ☕ 42", "detect cat ; dog"])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "caption en",
+        "answer en what is on the table?\nbe brief",
+        "  leading spaces",
+        "ocr café ☕ 42",
+        "detect cat ; dog",
+    ],
+)
 def test_token_ids_match_paligemma_processor(processor, hf_processor, prompt):
     image = noise_image(20, 20)
     ours = processor(images=[image], prompts=[prompt])
@@ -110,7 +121,7 @@ def test_token_layout_comes_from_tokenizer_and_config(processor, pg1_dir):
     n = config.num_image_tokens
     assert ids[:n] == [config.image_token_id] * n
     assert ids[n] == processor.tokenizer.bos_id
-    assert ids[n + 1:] == processor.tokenizer.encode("caption en\n")
+    assert ids[n + 1 :] == processor.tokenizer.encode("caption en\n")
 
 
 def test_batch_is_left_padded_with_mask(processor):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +16,10 @@ import mlx_paligemma as mp
 import mlx_paligemma.quantize as quantize_module
 from mlx_paligemma.checkpoint import open_checkpoint
 from mlx_paligemma.quantize import quantize
-from conftest import noise_image
-from make_tiny_checkpoint import VERIFY_PROMPTS
+from tests.helpers import noise_image
+from tools.make_tiny_checkpoint import VERIFY_PROMPTS
 
-GROUP = 32   # divides every width of the tiny models (text 64, MLP 128, vision 32)
+GROUP = 32  # divides every width of the tiny models (text 64, MLP 128, vision 32)
 # Logits vs float, measured on the tiny checkpoints over 6 rows x 39 positions (cosine min / mean,
 # top-1 agreement):
 #   PaliGemma 1: 8-bit 0.9999 / 0.9999, 98.4%;  4-bit 0.967 / 0.987, 80.1%
@@ -29,7 +28,7 @@ GROUP = 32   # divides every width of the tiny models (text 64, MLP 128, vision 
 # test_logits.py), so 4-bit top-1 is low here; the per-weight bound below is the exact check.
 # The thresholds sit under the measurements; a wrong dequantisation, a transposed weight or a
 # missing scale gives cosines near 0.
-MIN_COSINE = {8: (0.998, 0.999), 4: (0.85, 0.95)}     # (min, mean)
+MIN_COSINE = {8: (0.998, 0.999), 4: (0.85, 0.95)}  # (min, mean)
 MIN_TOP1 = {8: 0.9, 4: 0.55}
 
 
@@ -40,8 +39,10 @@ def quiet(_: str) -> None:
 @pytest.fixture(scope="module")
 def quantized(ckpt_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("q")
-    return {bits: quantize(ckpt_dir, out / f"{ckpt_dir.name}-{bits}bit", bits=bits, group_size=GROUP,
-                           progress=quiet) for bits in (8, 4)}
+    return {
+        bits: quantize(ckpt_dir, out / f"{ckpt_dir.name}-{bits}bit", bits=bits, group_size=GROUP, progress=quiet)
+        for bits in (8, 4)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,9 @@ def batch_and_float_logits(ckpt_dir):
     model, processor = mp.load(ckpt_dir)
     images = [noise_image(40 + 7 * i, 50, seed=i) for i in range(6)]
     batch = processor(images=images, prompts=["caption en"] * 6, suffixes=["a cat sitting on a red mat"] * 6)
-    return batch, np.asarray(model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                                   batch["token_type_ids"]))
+    return batch, np.asarray(
+        model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["token_type_ids"])
+    )
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -61,15 +63,16 @@ def test_quantized_logits_stay_close(quantized, batch_and_float_logits, bits, ca
     assert isinstance(model.language_model.layers[0].mlp.down_proj, nn.QuantizedLinear)
     assert not isinstance(model.vision_tower.encoder.layers[0].mlp.fc1, nn.QuantizedLinear)
     assert not isinstance(model.multi_modal_projector.linear, nn.QuantizedLinear)
-    out = np.asarray(model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                           batch["token_type_ids"]))
+    out = np.asarray(model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["token_type_ids"]))
     mask = np.asarray(batch["attention_mask"]).astype(bool)
     a, b = out[mask], ref[mask]
     cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     top1 = (a.argmax(-1) == b.argmax(-1)).mean()
     with capsys.disabled():
-        print(f"\n[{bits}-bit {quantized[bits].name}] cosine min {cosine.min():.4f} mean {cosine.mean():.4f}, "
-              f"top-1 {top1:.1%}")
+        print(
+            f"\n[{bits}-bit {quantized[bits].name}] cosine min {cosine.min():.4f} mean {cosine.mean():.4f}, "
+            f"top-1 {top1:.1%}"
+        )
     assert cosine.min() >= MIN_COSINE[bits][0] and cosine.mean() >= MIN_COSINE[bits][1]
     assert top1 >= MIN_TOP1[bits]
 
@@ -95,7 +98,7 @@ def test_bytes_on_disk_shrink_as_expected(ckpt_dir, quantized, bits):
     quantized_float = quantized_packed = unchanged = 0
     for key, info in open_checkpoint(ckpt_dir).tensors.items():
         n = int(np.prod(info.shape))
-        if key.endswith(".weight") and key[:-len(".weight")] + ".scales" in quant:
+        if key.endswith(".weight") and key[: -len(".weight")] + ".scales" in quant:
             out_dim, in_dim = info.shape
             quantized_float += 4 * n
             quantized_packed += n * bits // 8 + 2 * out_dim * (in_dim // GROUP) * 4
@@ -105,7 +108,7 @@ def test_bytes_on_disk_shrink_as_expected(ckpt_dir, quantized, bits):
     assert quantized_float / quantized_packed == pytest.approx(32 / (bits + 2 * 32 / GROUP))
     assert data_bytes(quantized[bits]) == quantized_packed + unchanged
     file_bytes = sum(f.stat().st_size for f in quantized[bits].glob("*.safetensors"))
-    assert data_bytes(quantized[bits]) <= file_bytes < data_bytes(quantized[bits]) + 64 * 1024   # + header
+    assert data_bytes(quantized[bits]) <= file_bytes < data_bytes(quantized[bits]) + 64 * 1024  # + header
 
 
 def test_dequantized_weights_are_within_one_step(ckpt_dir, quantized):
@@ -135,9 +138,9 @@ def test_non_divisible_layers_stay_float_and_are_named(pg2_dir, tmp_path):
     out = quantize(pg2_dir, tmp_path / "g128", bits=4, group_size=128, progress=logged.append)
     model, _ = mp.load(out)
     layer = model.language_model.layers[0]
-    assert isinstance(layer.self_attn.o_proj, nn.QuantizedLinear)          # input 4 x 32 = 128
-    assert isinstance(layer.mlp.down_proj, nn.QuantizedLinear)             # input 128
-    assert isinstance(layer.self_attn.q_proj, nn.Linear)                   # input 64: kept float
+    assert isinstance(layer.self_attn.o_proj, nn.QuantizedLinear)  # input 4 x 32 = 128
+    assert isinstance(layer.mlp.down_proj, nn.QuantizedLinear)  # input 128
+    assert isinstance(layer.self_attn.q_proj, nn.Linear)  # input 64: kept float
     assert any("keeping language_model.layers.0.self_attn.q_proj in float32" in m for m in logged)
 
 
@@ -155,8 +158,14 @@ def test_plain_conversion_and_vision_quantization(pg1_dir, tmp_path):
 def test_output_is_self_contained(quantized):
     out = quantized[8]
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer.json",
-            "preprocessor_config.json", "README.md"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer.json",
+        "preprocessor_config.json",
+        "README.md",
+    } <= names
     assert json.loads((out / "config.json").read_text())["quantization"] == {"group_size": GROUP, "bits": 8}
 
 
@@ -165,8 +174,11 @@ def test_quantizing_twice_is_refused(quantized, tmp_path):
     add error, and a plain conversion would have to write them dequantized); nothing is written."""
     mp.load(quantized[8])
     for bits in (4, 8, None):
-        with pytest.raises(mp.PaliGemmaError, match=r"already quantized \(8-bit, group size 32\); convert or "
-                                                    r"quantize from the float checkpoint instead"):
+        with pytest.raises(
+            mp.PaliGemmaError,
+            match=r"already quantized \(8-bit, group size 32\); convert or "
+            r"quantize from the float checkpoint instead",
+        ):
             quantize(quantized[8], tmp_path / "again", bits=bits, group_size=GROUP, progress=quiet)
     assert list(tmp_path.iterdir()) == []
 
@@ -213,7 +225,7 @@ def test_large_checkpoints_are_sharded_with_an_index(pg2_dir, tmp_path, monkeypa
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     files = sorted(sharded.glob("*.safetensors"))
     assert len(files) >= 3 and sorted(set(index["weight_map"].values())) == [f.name for f in files]
-    for f in files:   # a shard stays under the limit unless it holds one larger tensor alone
+    for f in files:  # a shard stays under the limit unless it holds one larger tensor alone
         tensors = mx.load(str(f))
         assert len(tensors) == 1 or sum(t.nbytes for t in tensors.values()) <= 100_000
     assert index["metadata"]["total_size"] == data_bytes(whole)
@@ -246,8 +258,16 @@ def test_tokenizer_json_alone_tokenizes_like_sentencepiece(pg1_dir, tmp_path):
     _, spm = mp.load(pg1_dir)
     _, js = mp.load(d)
     assert type(js.tokenizer).__name__ == "JsonTokenizer"
-    prompts = [*VERIFY_PROMPTS, "answer en what is on the table?\nbe brief", "trailing space ", "\n\n",
-               "ocr café ☕ 42 日本語 🦜", "detect cat ; dog", "<loc0005><seg012> x", "UPPER lower 3.14159"]
+    prompts = [
+        *VERIFY_PROMPTS,
+        "answer en what is on the table?\nbe brief",
+        "trailing space ",
+        "\n\n",
+        "ocr café ☕ 42 日本語 🦜",
+        "detect cat ; dog",
+        "<loc0005><seg012> x",
+        "UPPER lower 3.14159",
+    ]
     for prompt in prompts:
         for text in (prompt + "\n", prompt):
             ids = spm.tokenizer.encode(text)
@@ -261,8 +281,9 @@ def test_tokenizer_json_alone_tokenizes_like_sentencepiece(pg1_dir, tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_paligemma.quantize", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_paligemma.quantize", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_run_and_user_errors(pg1_dir, tmp_path):
@@ -277,8 +298,10 @@ def test_cli_run_and_user_errors(pg1_dir, tmp_path):
         out = run_cli("--model", str(pg1_dir), "--out", str(tmp_path / "x"), *args)
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and fragment in lines[0], out.stderr
-    for out_dir, fragment in [(tmp_path / "q8", "exists and is not empty; pass --force"),
-                              (pg1_dir / "sub", "inside the source checkpoint")]:
+    for out_dir, fragment in [
+        (tmp_path / "q8", "exists and is not empty; pass --force"),
+        (pg1_dir / "sub", "inside the source checkpoint"),
+    ]:
         out = run_cli("--model", str(pg1_dir), "--out", str(out_dir), "--bits", "8")
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and fragment in lines[0] and "Traceback" not in out.stderr

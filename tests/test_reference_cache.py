@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.test_reference_logits import CHECKPOINTS, max_diff, noise_image, tiny_checkpoint
 
 from mlx_paligemma import reference
 from mlx_paligemma.errors import PaliGemmaError
-from test_reference_logits import CHECKPOINTS, max_diff, noise_image, tiny_checkpoint
 
 FP32_TOL = 1e-4
 LONG_SUFFIX = "a small grey cat sitting on a red mat next to two dogs and a bird near the house"
@@ -28,10 +28,9 @@ def decode_step_by_step(model, batch, prefix_len: int) -> tuple[torch.Tensor, re
     """Prefill the first `prefix_len` positions in one call, then feed one token per call."""
     cache = model.make_cache()
     ids, mask, types = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
-    outs = [model(ids[:, :prefix_len], batch["pixel_values"], mask[:, :prefix_len], types[:, :prefix_len],
-                  cache=cache)]
+    outs = [model(ids[:, :prefix_len], batch["pixel_values"], mask[:, :prefix_len], types[:, :prefix_len], cache=cache)]
     for t in range(prefix_len, ids.shape[1]):
-        outs.append(model(ids[:, t:t + 1], cache=cache))
+        outs.append(model(ids[:, t : t + 1], cache=cache))
     return torch.cat(outs, dim=1), cache
 
 
@@ -62,9 +61,11 @@ def test_sliding_layers_keep_only_the_window_across_many_decode_steps(loaded):
 def test_padded_batch_decodes_like_the_full_forward(loaded):
     """Left padding and rows whose prefixes end at different places: prefill up to the longest prefix."""
     _, model, processor = loaded
-    batch = processor(images=[noise_image(70, 30, seed=6), noise_image(30, 70, seed=7)],
-                      prompts=["caption en", "answer en how many dogs are on the sofa?"],
-                      suffixes=[LONG_SUFFIX, "two"])
+    batch = processor(
+        images=[noise_image(70, 30, seed=6), noise_image(30, 70, seed=7)],
+        prompts=["caption en", "answer en how many dogs are on the sofa?"],
+        suffixes=[LONG_SUFFIX, "two"],
+    )
     prefix_len = int((batch["token_type_ids"] == 0).sum(dim=1).max())
     steps, _ = decode_step_by_step(model, batch, prefix_len)
     mask = batch["attention_mask"].bool()
@@ -76,8 +77,9 @@ def test_prefix_tokens_after_the_prefill_are_refused(loaded):
     _, model, processor = loaded
     batch = processor(images=[noise_image(20, 20)], prompts=["caption en"])
     cache = model.make_cache()
-    model(batch["input_ids"][:, :-2], batch["pixel_values"], token_type_ids=batch["token_type_ids"][:, :-2],
-          cache=cache)
+    model(
+        batch["input_ids"][:, :-2], batch["pixel_values"], token_type_ids=batch["token_type_ids"][:, :-2], cache=cache
+    )
     with pytest.raises(PaliGemmaError, match="only add suffix tokens"):
         model(batch["input_ids"][:, -2:], token_type_ids=batch["token_type_ids"][:, -2:], cache=cache)
 
@@ -90,8 +92,9 @@ def test_prefill_and_decode_step_match_the_full_forward(loaded):
     prefix_len = int((batch["token_type_ids"][0] == 0).sum())
     ids = batch["input_ids"]
     cache = model.make_cache()
-    first = model.prefill(ids[:, :prefix_len], model.encode_image(batch["pixel_values"]), cache,
-                          batch["attention_mask"][:, :prefix_len])
+    first = model.prefill(
+        ids[:, :prefix_len], model.encode_image(batch["pixel_values"]), cache, batch["attention_mask"][:, :prefix_len]
+    )
     assert first.shape == (1, model.config.text_config.vocab_size)
     assert max_diff(first, full[:, prefix_len - 1]) <= FP32_TOL
     for t in range(prefix_len, ids.shape[1]):

@@ -27,21 +27,31 @@ needs_mps = pytest.mark.skipif(not torch.backends.mps.is_available(), reason="ne
 
 
 # -- device ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mps, cuda_count, expected", [
-    (True, 1, MPS), (True, 0, MPS), (False, 2, CUDA0), (False, 0, CPU)])
+@pytest.mark.parametrize(
+    "mps, cuda_count, expected", [(True, 1, MPS), (True, 0, MPS), (False, 2, CUDA0), (False, 0, CPU)]
+)
 def test_automatic_choice_prefers_mps_then_cuda_then_cpu(mps, cuda_count, expected):
     assert dev.choose_device(None, mps=mps, cuda_count=cuda_count) == expected
 
 
-@pytest.mark.parametrize("requested, expected", [
-    ("cpu", CPU), ("mps", MPS), ("cuda", CUDA0), ("cuda:1", torch.device("cuda", 1)), (CPU, CPU)])
+@pytest.mark.parametrize(
+    "requested, expected",
+    [("cpu", CPU), ("mps", MPS), ("cuda", CUDA0), ("cuda:1", torch.device("cuda", 1)), (CPU, CPU)],
+)
 def test_requested_device_wins_when_available(requested, expected):
     assert dev.choose_device(requested, mps=True, cuda_count=2) == expected
 
 
-@pytest.mark.parametrize("requested, message", [
-    ("mps", "device 'mps' requested but"), ("cuda", "no CUDA device"), ("cuda:1", "1 CUDA device"),
-    ("tpu", "not a device name|unsupported type"), ("xla", "not a device name|unsupported type")])
+@pytest.mark.parametrize(
+    "requested, message",
+    [
+        ("mps", "device 'mps' requested but"),
+        ("cuda", "no CUDA device"),
+        ("cuda:1", "1 CUDA device"),
+        ("tpu", "not a device name|unsupported type"),
+        ("xla", "not a device name|unsupported type"),
+    ],
+)
 def test_unavailable_or_unknown_device_is_a_clear_error(requested, message):
     cuda_count = 1 if requested == "cuda:1" else 0
     with pytest.raises(PaliGemmaError, match=message):
@@ -134,8 +144,9 @@ def test_env_defaults_on_an_empty_environment():
 def test_low_watermark_is_only_set_when_torch_would_reject_its_default():
     assert low_watermark_for("1.7") is None and low_watermark_for("0") is None
     assert 0 < float(low_watermark_for("0.5")) <= 0.5
-    assert apply_mps_env({"PYTORCH_MPS_HIGH_WATERMARK_RATIO": "0.5",
-                          "PYTORCH_MPS_LOW_WATERMARK_RATIO": "0.1"}) == {"PYTORCH_ENABLE_MPS_FALLBACK": "1"}
+    assert apply_mps_env({"PYTORCH_MPS_HIGH_WATERMARK_RATIO": "0.5", "PYTORCH_MPS_LOW_WATERMARK_RATIO": "0.1"}) == {
+        "PYTORCH_ENABLE_MPS_FALLBACK": "1"
+    }
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -145,16 +156,21 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_import_sets_the_variables_in_a_fresh_process():
-    out = run_python("import os, mlx_paligemma.reference; "
-                     "print(os.environ['PYTORCH_ENABLE_MPS_FALLBACK'], os.environ['PYTORCH_MPS_HIGH_WATERMARK_RATIO'])")
+    out = run_python(
+        "import os, mlx_paligemma.reference; "
+        "print(os.environ['PYTORCH_ENABLE_MPS_FALLBACK'], os.environ['PYTORCH_MPS_HIGH_WATERMARK_RATIO'])"
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "0.7"]
 
 
 def test_import_keeps_user_values():
-    out = run_python("import os, mlx_paligemma.reference; print(os.environ['PYTORCH_ENABLE_MPS_FALLBACK'], "
-                     "os.environ['PYTORCH_MPS_HIGH_WATERMARK_RATIO'])",
-                     PYTORCH_ENABLE_MPS_FALLBACK="0", PYTORCH_MPS_HIGH_WATERMARK_RATIO="1.2")
+    out = run_python(
+        "import os, mlx_paligemma.reference; print(os.environ['PYTORCH_ENABLE_MPS_FALLBACK'], "
+        "os.environ['PYTORCH_MPS_HIGH_WATERMARK_RATIO'])",
+        PYTORCH_ENABLE_MPS_FALLBACK="0",
+        PYTORCH_MPS_HIGH_WATERMARK_RATIO="1.2",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "1.2"]
 
@@ -207,7 +223,7 @@ def test_mps_is_the_automatic_choice_on_a_mac():
 
 @needs_mps
 def test_mps_forward_matches_cpu(tmp_path_factory):
-    from test_reference_logits import max_diff, noise_image, tiny_checkpoint
+    from tests.test_reference_logits import max_diff, noise_image, tiny_checkpoint
 
     ckpt = tiny_checkpoint(tmp_path_factory, "pg2")
     cpu_model, processor = reference.load(ckpt, device="cpu", dtype="float32")

@@ -52,14 +52,14 @@ def load_doctor():
 
     spec = importlib.util.spec_from_file_location("check_backend", DOCTOR)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module            # dataclasses look their module up there
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
 def test_doctor_exits_1_when_a_check_fails(monkeypatch, capsys):
     doctor = load_doctor()
-    monkeypatch.setattr(doctor, "TOL_FP32", {"cpu": 0.0, "gpu": 0.0})   # no float32 matmul is that exact
+    monkeypatch.setattr(doctor, "TOL_FP32", {"cpu": 0.0, "gpu": 0.0})  # no float32 matmul is that exact
     assert doctor.main([]) == 1
     out = capsys.readouterr().out
     assert " FAIL " in out and out.rstrip().splitlines()[-1].startswith("FAIL")

@@ -10,7 +10,6 @@ moves logits by >1e-2). bfloat16: see `test_bfloat16_mlx_and_reference_agree_on_
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,9 +21,7 @@ from PIL import Image
 import mlx_paligemma
 from mlx_paligemma import reference
 from mlx_paligemma.errors import CheckpointError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from make_tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
+from tools.make_tiny_checkpoint import make_tiny_checkpoint
 
 FP32_TOL = 1e-4
 
@@ -68,8 +65,12 @@ def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 def oracle_logits(hf, batch: dict) -> torch.Tensor:
     with torch.no_grad():
-        return hf(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                  attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"]).logits
+        return hf(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+        ).logits
 
 
 def max_diff(a, b) -> float:
@@ -87,8 +88,11 @@ def test_prompt_matches_transformers(ref_loaded, hf_oracle):
 
 def test_prompt_with_suffix_matches_transformers(ref_loaded, hf_oracle):
     _, model, processor = ref_loaded
-    batch = processor(images=[noise_image(64, 64, seed=3)], prompts=["answer en what is this?"],
-                      suffixes=["a small grey cat on a mat"])
+    batch = processor(
+        images=[noise_image(64, 64, seed=3)],
+        prompts=["answer en what is this?"],
+        suffixes=["a small grey cat on a mat"],
+    )
     assert int(batch["token_type_ids"].sum()) > 3, "the suffix must be several tokens long"
     assert max_diff(model(**batch), oracle_logits(hf_oracle, batch)) <= FP32_TOL
 
@@ -141,16 +145,23 @@ def test_forward_runs_in_inference_mode(ref_loaded):
 
 # -- against the MLX backend ----------------------------------------------------------------------
 def batch_for_both(processor) -> dict:
-    prompts = ["caption en", "answer en what colour is the car parked near the house?", "detect cat ; dog",
-               "describe en", "ocr", "question en a bird"]
+    prompts = [
+        "caption en",
+        "answer en what colour is the car parked near the house?",
+        "detect cat ; dog",
+        "describe en",
+        "ocr",
+        "question en a bird",
+    ]
     images = [noise_image(40 + 10 * i, 70 - 5 * i, seed=10 + i) for i in range(len(prompts))]
     return processor(images=images, prompts=prompts, suffixes=["a short answer"] * len(prompts))
 
 
 def mlx_logits(model, batch) -> np.ndarray:
     b = {k: v.cpu().numpy() for k, v in batch.items()}
-    out = model(b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"],
-                token_type_ids=b["token_type_ids"])
+    out = model(
+        b["input_ids"], b["pixel_values"], attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"]
+    )
     return np.asarray(out.astype(mx.float32))
 
 
@@ -196,9 +207,11 @@ def test_bfloat16_mlx_and_reference_agree_on_top1(ref_loaded, capsys):
     same = ours.argmax(-1) == theirs.argmax(-1)
     agreement = same[decisive].mean()
     with capsys.disabled():
-        print(f"\n[bf16 {ckpt.name}] reference vs MLX: max |diff| {np.abs(ours - theirs).max():.4f}, top-1 "
-              f"agreement {agreement:.2%} on {decisive.sum()} decisive positions ({same.mean():.2%} on all "
-              f"{len(same)})")
+        print(
+            f"\n[bf16 {ckpt.name}] reference vs MLX: max |diff| {np.abs(ours - theirs).max():.4f}, top-1 "
+            f"agreement {agreement:.2%} on {decisive.sum()} decisive positions ({same.mean():.2%} on all "
+            f"{len(same)})"
+        )
     assert decisive.mean() >= 0.5, "most positions must be decisive, or the test says little"
     assert agreement >= 0.99
 
@@ -236,8 +249,9 @@ def test_loading_is_strict_and_names_the_key_and_file(ref_ckpt, tmp_path):
 
 def test_mlx_layout_patch_conv_is_transposed_back(ref_ckpt, tmp_path):
     """Checkpoints converted by mlx-vlm store the conv as (O, kh, kw, I): same logits after loading."""
-    from mlx_paligemma.checkpoint import open_checkpoint
     from safetensors.torch import load_file, save_file
+
+    from mlx_paligemma.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(ref_ckpt)
     tensors = {}

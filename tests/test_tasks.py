@@ -19,9 +19,11 @@ def test_several_objects_map_to_a_non_square_original():
 
 
 def test_malformed_objects_are_skipped():
-    text = ("<loc0100><loc0100> half ; <loc9999><loc0000><loc0100><loc0100> out of range ; "
-            "<loc0500><loc0500><loc0100><loc0100> inverted ; <loc01x0> junk ; "
-            "<loc0010><loc0020><loc0030><loc0040> ok ; just words")
+    text = (
+        "<loc0100><loc0100> half ; <loc9999><loc0000><loc0100><loc0100> out of range ; "
+        "<loc0500><loc0500><loc0100><loc0100> inverted ; <loc01x0> junk ; "
+        "<loc0010><loc0020><loc0030><loc0040> ok ; just words"
+    )
     found = mp.parse_detections(text, (1024, 1024))
     assert [d.label for d in found] == ["ok"]
     assert found[0].box == pytest.approx((20, 10, 40, 30))
@@ -57,5 +59,5 @@ def test_draw_keeps_the_original_size():
     dets = mp.parse_detections("<loc0100><loc0100><loc0900><loc0900> cat", image.size)
     drawn = mp.draw_detections(image, dets)
     assert drawn.size == (300, 120) and drawn.mode == "RGB"
-    assert drawn.getpixel((int(dets[0].box[0]), 60)) != (255, 255, 255)   # the box outline is drawn
-    assert drawn.getpixel((150, 60)) == (255, 255, 255)                    # inside is untouched
+    assert drawn.getpixel((int(dets[0].box[0]), 60)) != (255, 255, 255)  # the box outline is drawn
+    assert drawn.getpixel((150, 60)) == (255, 255, 255)  # inside is untouched

@@ -22,9 +22,10 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -35,15 +36,15 @@ sys.path.insert(0, str(ROOT / "tools"))
 # 1e-6 on CPUs; GPUs get room for TF32 convolutions (cuDNN's default) and fast-math reductions.
 # A broken kernel is off by O(1). Casts are bounded by the format's rounding: bf16 2^-9, fp16 2^-11.
 TOL_FP32 = {"cpu": 1e-4, "gpu": 2e-3}
-TOL_CAST = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -10}
-TOL_LOGITS = {"cpu": 1e-4, "gpu": 2e-3}          # normalised by the largest |logit|
+TOL_CAST = {"bfloat16": 2.0**-8, "float16": 2.0**-10}
+TOL_LOGITS = {"cpu": 1e-4, "gpu": 2e-3}  # normalised by the largest |logit|
 
 
 @dataclass
 class Result:
     backend: str
     check: str
-    status: str            # PASS, FAIL or SKIP (not applicable here: counts as passing)
+    status: str  # PASS, FAIL or SKIP (not applicable here: counts as passing)
     seconds: float
     detail: str
 
@@ -103,15 +104,18 @@ def torch_installed() -> bool:
 def torch_info() -> dict[str, str]:
     if not torch_installed():
         return {"torch": "not installed: the PyTorch reference backend is unavailable (pip install torch)"}
-    from mlx_paligemma.reference import choose_device, env  # first: it sets the MPS variables, then imports torch
-
     import torch
+
+    from mlx_paligemma.reference import choose_device, env  # first: it sets the MPS variables, then imports torch
 
     cuda = torch.cuda.is_available()
     names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else ""
     applied = ", ".join(f"{k}={v}" for k, v in env.APPLIED.items()) or "none (already set by the user)"
-    late = (" (torch was imported before the package set them: the MPS fallback only works if exported in "
-            "the shell)" if env.TORCH_WAS_IMPORTED_FIRST else "")
+    late = (
+        " (torch was imported before the package set them: the MPS fallback only works if exported in the shell)"
+        if env.TORCH_WAS_IMPORTED_FIRST
+        else ""
+    )
     return {
         "torch": torch.__version__,
         "MPS": f"built: {yn(torch.backends.mps.is_built())}, available: {yn(torch.backends.mps.is_available())}",
@@ -130,9 +134,18 @@ def inputs() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
     L = 7
-    return dict(a=f(48, 64), b=f(64, 40), x=f(3, 96), pixels=f(2, 3, 28, 28), conv_w=f(16, 3, 14, 14) * 0.1,
-                q=f(2, 4, L, 16), k=f(2, 4, L, 16), v=f(2, 4, L, 16), mask=np.tril(np.ones((L, L), bool)),
-                norm_w=f(96))
+    return dict(
+        a=f(48, 64),
+        b=f(64, 40),
+        x=f(3, 96),
+        pixels=f(2, 3, 28, 28),
+        conv_w=f(16, 3, 14, 14) * 0.1,
+        q=f(2, 4, L, 16),
+        k=f(2, 4, L, 16),
+        v=f(2, 4, L, 16),
+        mask=np.tril(np.ones((L, L), bool)),
+        norm_w=f(96),
+    )
 
 
 def reference_ops(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -151,7 +164,8 @@ def reference_ops(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "conv2d": np.einsum("bhwcij,ocij->bohw", patches, g["conv_w"]),
         "sdpa": (w / w.sum(-1, keepdims=True)) @ g["v"],
         "rms_norm": g["x"] / np.sqrt((g["x"] ** 2).mean(-1, keepdims=True) + 1e-6) * g["norm_w"],
-        "cast bfloat16": g["x"], "cast float16": g["x"],
+        "cast bfloat16": g["x"],
+        "cast float16": g["x"],
     }
 
 
@@ -170,10 +184,14 @@ class MLXBackend:
         return {
             "matmul": lambda: out(a["a"] @ a["b"]),
             "softmax": lambda: out(mx.softmax(a["x"], axis=-1)),
-            "conv2d": lambda: out(mx.conv2d(a["pixels"].transpose(0, 2, 3, 1), a["conv_w"].transpose(0, 2, 3, 1),
-                                            stride=14).transpose(0, 3, 1, 2)),
-            "sdpa": lambda: out(mx.fast.scaled_dot_product_attention(a["q"], a["k"], a["v"], scale=16 ** -0.5,
-                                                                     mask=a["mask"])),
+            "conv2d": lambda: out(
+                mx.conv2d(a["pixels"].transpose(0, 2, 3, 1), a["conv_w"].transpose(0, 2, 3, 1), stride=14).transpose(
+                    0, 3, 1, 2
+                )
+            ),
+            "sdpa": lambda: out(
+                mx.fast.scaled_dot_product_attention(a["q"], a["k"], a["v"], scale=16**-0.5, mask=a["mask"])
+            ),
             "rms_norm": lambda: out(mx.fast.rms_norm(a["x"], a["norm_w"], 1e-6)),
             "cast bfloat16": lambda: out(a["x"].astype(mx.bfloat16)),
             "cast float16": lambda: out(a["x"].astype(mx.float16)),
@@ -200,14 +218,15 @@ class TorchBackend:
             "matmul": lambda: out(t["a"] @ t["b"]),
             "softmax": lambda: out(torch.softmax(t["x"], dim=-1)),
             "conv2d": lambda: out(F.conv2d(t["pixels"], t["conv_w"], stride=14)),
-            "sdpa": lambda: out(F.scaled_dot_product_attention(t["q"], t["k"], t["v"], attn_mask=t["mask"],
-                                                               scale=16 ** -0.5)),
+            "sdpa": lambda: out(
+                F.scaled_dot_product_attention(t["q"], t["k"], t["v"], attn_mask=t["mask"], scale=16**-0.5)
+            ),
             "rms_norm": lambda: out(F.rms_norm(t["x"], (t["x"].shape[-1],), t["norm_w"], 1e-6)),
             "cast bfloat16": lambda: out(t["x"].to(torch.bfloat16)),
             "cast float16": lambda: out(t["x"].to(torch.float16)),
         }
         if not supports_bf16(self.device):
-            ops["cast bfloat16"] = None          # the reference falls back to float16 here
+            ops["cast bfloat16"] = None  # the reference falls back to float16 here
         return ops
 
 
@@ -223,16 +242,30 @@ def op_checks(backend) -> list[Result]:
         try:
             got = op()
         except Exception as e:  # a missing kernel is a result to report, not a crash of the doctor
-            results.append(Result(backend.name, name, "FAIL", time.perf_counter() - start,
-                                  f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+            results.append(
+                Result(
+                    backend.name,
+                    name,
+                    "FAIL",
+                    time.perf_counter() - start,
+                    f"{type(e).__name__}: {str(e).splitlines()[0][:120]}",
+                )
+            )
             continue
         seconds = time.perf_counter() - start
         ref = truth[name]
         err = float(np.abs(got - ref).max() / max(1.0, np.abs(ref).max()))
         tol = TOL_CAST[name.split()[1]] if name.startswith("cast") else TOL_FP32[backend.kind]
         ok = got.shape == ref.shape and err <= tol
-        results.append(Result(backend.name, name, "PASS" if ok else "FAIL", seconds,
-                              f"normalised error {err:.1e} (tolerance {tol:.0e})"))
+        results.append(
+            Result(
+                backend.name,
+                name,
+                "PASS" if ok else "FAIL",
+                seconds,
+                f"normalised error {err:.1e} (tolerance {tol:.0e})",
+            )
+        )
     return results
 
 
@@ -240,10 +273,9 @@ def op_checks(backend) -> list[Result]:
 def forward_checks(devices: list[str], mlx_name: str, workdir: Path) -> list[Result]:
     """MLX logits of a tiny PaliGemma 1 and 2, then the torch reference on each device against them."""
     import mlx.core as mx
+    from make_tiny_checkpoint import make_tiny_checkpoint
 
     import mlx_paligemma
-
-    from make_tiny_checkpoint import make_tiny_checkpoint
 
     if devices:
         from mlx_paligemma import reference
@@ -256,16 +288,31 @@ def forward_checks(devices: list[str], mlx_name: str, workdir: Path) -> list[Res
         start = time.perf_counter()
         try:
             model, processor = mlx_paligemma.load(ckpt)
-            batch = {k: np.asarray(v) for k, v in processor(images=[image], prompts=["caption en"],
-                                                            suffixes=["a cat"]).items()}
-            expected = np.asarray(model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                                        batch["token_type_ids"]).astype(mx.float32))
+            batch = {
+                k: np.asarray(v)
+                for k, v in processor(images=[image], prompts=["caption en"], suffixes=["a cat"]).items()
+            }
+            expected = np.asarray(
+                model(
+                    batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["token_type_ids"]
+                ).astype(mx.float32)
+            )
         except Exception as e:
-            results.append(Result(mlx_name, f"tiny {label} forward", "FAIL", time.perf_counter() - start,
-                                  f"{type(e).__name__}: {e}"))
+            results.append(
+                Result(
+                    mlx_name, f"tiny {label} forward", "FAIL", time.perf_counter() - start, f"{type(e).__name__}: {e}"
+                )
+            )
             continue
-        results.append(Result(mlx_name, f"tiny {label} forward", "PASS", time.perf_counter() - start,
-                              f"logits {tuple(expected.shape)}"))
+        results.append(
+            Result(
+                mlx_name,
+                f"tiny {label} forward",
+                "PASS",
+                time.perf_counter() - start,
+                f"logits {tuple(expected.shape)}",
+            )
+        )
         scale = max(1.0, float(np.abs(expected).max()))
         for device in devices:
             start = time.perf_counter()
@@ -278,8 +325,9 @@ def forward_checks(devices: list[str], mlx_name: str, workdir: Path) -> list[Res
                 detail = f"vs mlx: normalised max diff {err:.1e} (tolerance {TOL_LOGITS[kind]:.0e})"
             except Exception as e:
                 status, detail = "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            results.append(Result(f"torch {device}", f"tiny {label} forward", status,
-                                  time.perf_counter() - start, detail))
+            results.append(
+                Result(f"torch {device}", f"tiny {label} forward", status, time.perf_counter() - start, detail)
+            )
     return results
 
 
@@ -308,8 +356,7 @@ def print_report(info: dict[str, str], results: list[Result]) -> None:
         print(f"{r.backend:<{bw}}  {r.check:<{cw}}  {r.status:<6}  {r.seconds * 1000:7.1f}ms  {r.detail}")
     failed = [r for r in results if r.status == "FAIL"]
     backends = ", ".join(dict.fromkeys(r.backend for r in results))
-    print(f"\n{'FAIL' if failed else 'PASS'}: {len(results) - len(failed)}/{len(results)} checks passed "
-          f"on {backends}")
+    print(f"\n{'FAIL' if failed else 'PASS'}: {len(results) - len(failed)}/{len(results)} checks passed on {backends}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     info = {"platform": platform.platform(), "python": platform.python_version()}
-    info.update(mlx_info())                      # before anything imports torch
+    info.update(mlx_info())  # before anything imports torch
     info.update(torch_info())
     mlx_backend = MLXBackend()
     devices = torch_devices()

@@ -35,26 +35,47 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LAYOUTS = ("hub", "transformers")
 
 VISION = dict(
-    model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-    num_attention_heads=4, patch_size=14, layer_norm_eps=1e-6, vision_use_head=False,
+    model_type="siglip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    patch_size=14,
+    layer_norm_eps=1e-6,
+    vision_use_head=False,
 )
 TEXT = {
     1: dict(
-        model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1,
+        model_type="gemma",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
     ),
     2: dict(
-        model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        model_type="gemma2",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
         # Deliberately != head_dim, so a port scaling by head_dim**-0.5 is caught.
-        query_pre_attn_scalar=24, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
     ),
 }
 DEFAULT_SLIDING_WINDOW = 8  # shorter than the test sequences, so the window really masks something
 # Gemma 2 fields written even in a sparse config: head_dim, query_pre_attn_scalar and sliding_window differ
 # from the class defaults (256, 256, 4096), and the soft-caps are what makes Gemma 2 numerics Gemma 2.
 SPARSE_GEMMA2_FIELDS = (
-    "head_dim", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
+    "head_dim",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "sliding_window",
 )
 
 # On-disk key prefix -> in-memory transformers 5.x parameter prefix. The hub layout is that of the original
@@ -76,32 +97,101 @@ TIED_KEY = "lm_head.weight"  # tied to the text embedding, never stored
 
 # --- tokenizer -------------------------------------------------------------------------------------------
 
+
 def _corpus() -> list[str]:
     """A few hundred varied English lines (captions, questions, task prompts, digits, accents).
 
     Fixed, not drawn from the weight seed: every tiny checkpoint then shares one tokenizer.
     """
     rng = random.Random(20240514)
-    subjects = ("a cat", "the dog", "two birds", "a red car", "an old man", "my friend", "the children",
-                "a small boat", "three horses", "the café owner", "a young woman", "the blue train",
-                "some people", "a brown cow", "the teacher", "an orange bus", "five sheep", "the baker")
-    verbs = ("sits on", "runs across", "looks at", "jumps over", "stands near", "sleeps under",
-             "walks along", "drives past", "is waiting by", "is eating near", "flies above", "is painting")
-    places = ("the table", "a green field", "the river", "an empty street", "the mountain", "a wooden bench",
-              "the kitchen", "a busy market", "the beach", "a snowy road", "the old bridge", "a quiet garden",
-              "the window", "a large building", "the station", "a narrow path")
+    subjects = (
+        "a cat",
+        "the dog",
+        "two birds",
+        "a red car",
+        "an old man",
+        "my friend",
+        "the children",
+        "a small boat",
+        "three horses",
+        "the café owner",
+        "a young woman",
+        "the blue train",
+        "some people",
+        "a brown cow",
+        "the teacher",
+        "an orange bus",
+        "five sheep",
+        "the baker",
+    )
+    verbs = (
+        "sits on",
+        "runs across",
+        "looks at",
+        "jumps over",
+        "stands near",
+        "sleeps under",
+        "walks along",
+        "drives past",
+        "is waiting by",
+        "is eating near",
+        "flies above",
+        "is painting",
+    )
+    places = (
+        "the table",
+        "a green field",
+        "the river",
+        "an empty street",
+        "the mountain",
+        "a wooden bench",
+        "the kitchen",
+        "a busy market",
+        "the beach",
+        "a snowy road",
+        "the old bridge",
+        "a quiet garden",
+        "the window",
+        "a large building",
+        "the station",
+        "a narrow path",
+    )
     adjectives = ("bright", "dark", "sunny", "cloudy", "crowded", "peaceful", "colorful", "naïve", "strange")
-    questions = ("what is the man holding", "how many people are there", "what color is the car",
-                 "where is the dog", "is it raining", "what is written on the sign", "who is smiling",
-                 "which animal is sleeping", "why is the street wet", "when was the photo taken")
-    answers = ("a blue umbrella", "four", "red", "on the sofa", "yes", "no", "open daily", "the girl",
-               "the zebra", "after the storm", "in the morning", "the résumé", "crème brûlée")
+    questions = (
+        "what is the man holding",
+        "how many people are there",
+        "what color is the car",
+        "where is the dog",
+        "is it raining",
+        "what is written on the sign",
+        "who is smiling",
+        "which animal is sleeping",
+        "why is the street wet",
+        "when was the photo taken",
+    )
+    answers = (
+        "a blue umbrella",
+        "four",
+        "red",
+        "on the sofa",
+        "yes",
+        "no",
+        "open daily",
+        "the girl",
+        "the zebra",
+        "after the storm",
+        "in the morning",
+        "the résumé",
+        "crème brûlée",
+    )
     things = ("cat", "dog", "car", "person", "tree", "bus", "bicycle", "bird", "horse", "boat", "chair", "sign")
     langs = ("en", "fr", "de", "es", "it")
     lines = []
     for _ in range(160):
-        lines.append(f"{rng.choice(subjects).capitalize()} {rng.choice(verbs)} {rng.choice(places)} "
-                     f"on a {rng.choice(adjectives)} day.")
+        lines.append(
+            f"{rng.choice(subjects).capitalize()} {rng.choice(verbs)} {rng.choice(places)} "
+            f"on a {rng.choice(adjectives)} day."
+        )
     for _ in range(60):
         lines.append(f"answer {rng.choice(langs)} {rng.choice(questions)}?")
         lines.append(f"{rng.choice(answers).capitalize()}, said {rng.choice(subjects)}.")
@@ -111,10 +201,14 @@ def _corpus() -> list[str]:
         lines.append(f"segment {rng.choice(things)}")
         lines.append(f"caption {rng.choice(langs)}")
     for _ in range(60):
-        lines.append(f"ocr: Room {rng.randint(1, 999)}, open {rng.randint(7, 11)}:{rng.randint(0, 59):02d} "
-                     f"to {rng.randint(17, 23)}:{rng.randint(0, 59):02d} (tel. +{rng.randint(10**8, 10**9)})")
-        lines.append(f"In {rng.randint(1900, 2024)}, {rng.randint(2, 99)}% of {rng.choice(things)}s were "
-                     f"{rng.choice(adjectives)}.  Really!")
+        lines.append(
+            f"ocr: Room {rng.randint(1, 999)}, open {rng.randint(7, 11)}:{rng.randint(0, 59):02d} "
+            f"to {rng.randint(17, 23)}:{rng.randint(0, 59):02d} (tel. +{rng.randint(10**8, 10**9)})"
+        )
+        lines.append(
+            f"In {rng.randint(1900, 2024)}, {rng.randint(2, 99)}% of {rng.choice(things)}s were "
+            f"{rng.choice(adjectives)}.  Really!"
+        )
     return lines
 
 
@@ -130,13 +224,28 @@ def build_sentencepiece_model() -> bytes:
 
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()), model_writer=buffer, model_type="bpe",
+        sentence_iterator=iter(_corpus()),
+        model_writer=buffer,
+        model_type="bpe",
         vocab_size=4 + 1 + 256 + NORMAL_PIECES,
-        pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
-        pad_piece="<pad>", eos_piece="</s>", bos_piece="<s>", unk_piece="<unk>",
-        user_defined_symbols=["\n"], add_dummy_prefix=False, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", byte_fallback=True, split_digits=True,
-        allow_whitespace_only_pieces=True, character_coverage=1.0, num_threads=1, minloglevel=2,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        bos_id=BOS_ID,
+        unk_id=UNK_ID,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        bos_piece="<s>",
+        unk_piece="<unk>",
+        user_defined_symbols=["\n"],
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        byte_fallback=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
     )
     proto = sp_pb2.ModelProto()
     proto.ParseFromString(buffer.getvalue())
@@ -157,12 +266,24 @@ def _write_processor(out_dir: Path, image_size: int, num_image_tokens: int) -> i
     (out_dir / "tokenizer.model").write_bytes(build_sentencepiece_model())
     # from_pretrained converts tokenizer.model to a tokenizers BPE backend (GemmaConverter).
     tokenizer = GemmaTokenizer.from_pretrained(
-        out_dir, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token=None,
+        out_dir,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token=None,
     )
     image_processor = SiglipImageProcessor(
-        do_resize=True, size={"height": image_size, "width": image_size}, resample=3,
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-        do_convert_rgb=True, image_seq_length=num_image_tokens,
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=3,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+        do_convert_rgb=True,
+        image_seq_length=num_image_tokens,
     )
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     processor.save_pretrained(out_dir)
@@ -175,13 +296,19 @@ def _write_processor(out_dir: Path, image_size: int, num_image_tokens: int) -> i
     _write_json(tokenizer_config_path, tokenizer_config)
     # transformers 5 nests the image processor in processor_config.json; the hub repositories carry the
     # older preprocessor_config.json and special_tokens_map.json, which other readers look for.
-    _write_json(out_dir / "preprocessor_config.json",
-                {**image_processor.to_dict(), "processor_class": "PaliGemmaProcessor"})
-    _write_json(out_dir / "special_tokens_map.json", {
-        "additional_special_tokens": [_added_token(IMAGE_TOKEN)],
-        "bos_token": _added_token("<s>"), "eos_token": _added_token("</s>"),
-        "pad_token": _added_token("<pad>"), "unk_token": _added_token("<unk>"),
-    })
+    _write_json(
+        out_dir / "preprocessor_config.json", {**image_processor.to_dict(), "processor_class": "PaliGemmaProcessor"}
+    )
+    _write_json(
+        out_dir / "special_tokens_map.json",
+        {
+            "additional_special_tokens": [_added_token(IMAGE_TOKEN)],
+            "bos_token": _added_token("<s>"),
+            "eos_token": _added_token("</s>"),
+            "pad_token": _added_token("<pad>"),
+            "unk_token": _added_token("<unk>"),
+        },
+    )
     return processor.image_token_id
 
 
@@ -191,8 +318,8 @@ def _added_token(content: str) -> dict:
 
 # --- model -----------------------------------------------------------------------------------------------
 
-def _build_config(version: int, image_size: int, sliding_window: int | None, image_token_index: int,
-                  dtype: str):
+
+def _build_config(version: int, image_size: int, sliding_window: int | None, image_token_index: int, dtype: str):
     """The full transformers config; `image_token_index` and the vocabulary size come from the tokenizer."""
     from transformers import PaliGemmaConfig
 
@@ -203,8 +330,13 @@ def _build_config(version: int, image_size: int, sliding_window: int | None, ima
     return PaliGemmaConfig(
         text_config=text,
         vision_config=dict(VISION, image_size=image_size, dtype=dtype),
-        projection_dim=text["hidden_size"], image_token_index=image_token_index, vocab_size=vocab_size,
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, dtype=dtype,
+        projection_dim=text["hidden_size"],
+        image_token_index=image_token_index,
+        vocab_size=vocab_size,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        dtype=dtype,
         architectures=["PaliGemmaForConditionalGeneration"],
     )
 
@@ -218,10 +350,15 @@ def _sparse_config(config, version: int) -> dict:
     text, vision = config.text_config, config.vision_config
     dtype = str(config.dtype).removeprefix("torch.")
     text_config = {
-        "hidden_size": text.hidden_size, "intermediate_size": text.intermediate_size,
-        "model_type": text.model_type, "num_attention_heads": text.num_attention_heads,
-        "num_hidden_layers": text.num_hidden_layers, "num_image_tokens": text.num_image_tokens,
-        "num_key_value_heads": text.num_key_value_heads, "torch_dtype": dtype, "vocab_size": text.vocab_size,
+        "hidden_size": text.hidden_size,
+        "intermediate_size": text.intermediate_size,
+        "model_type": text.model_type,
+        "num_attention_heads": text.num_attention_heads,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_image_tokens": text.num_image_tokens,
+        "num_key_value_heads": text.num_key_value_heads,
+        "torch_dtype": dtype,
+        "vocab_size": text.vocab_size,
     }
     if version == 2:
         text_config.update({key: getattr(text, key) for key in SPARSE_GEMMA2_FIELDS})
@@ -239,11 +376,16 @@ def _sparse_config(config, version: int) -> dict:
         "torch_dtype": dtype,
         "transformers_version": "4.41.0.dev0",
         "vision_config": {
-            "hidden_size": vision.hidden_size, "image_size": vision.image_size,
-            "intermediate_size": vision.intermediate_size, "model_type": vision.model_type,
-            "num_attention_heads": vision.num_attention_heads, "num_hidden_layers": vision.num_hidden_layers,
-            "num_image_tokens": text.num_image_tokens, "patch_size": vision.patch_size,
-            "projection_dim": config.projection_dim, "projector_hidden_act": "gelu_fast",
+            "hidden_size": vision.hidden_size,
+            "image_size": vision.image_size,
+            "intermediate_size": vision.intermediate_size,
+            "model_type": vision.model_type,
+            "num_attention_heads": vision.num_attention_heads,
+            "num_hidden_layers": vision.num_hidden_layers,
+            "num_image_tokens": text.num_image_tokens,
+            "patch_size": vision.patch_size,
+            "projection_dim": config.projection_dim,
+            "projector_hidden_act": "gelu_fast",
             "vision_use_head": False,
         },
     }
@@ -292,7 +434,7 @@ def _stored_tensors(model: nn.Module, layout: str, dtype: torch.dtype) -> dict[s
         if name == TIED_KEY:
             continue
         prefix = next(p for p in to_disk if name.startswith(p))
-        tensors[to_disk[prefix] + name[len(prefix):]] = tensor.to(dtype).contiguous()
+        tensors[to_disk[prefix] + name[len(prefix) :]] = tensor.to(dtype).contiguous()
     return dict(sorted(tensors.items()))
 
 
@@ -321,19 +463,31 @@ def _write_weights(out_dir: Path, tensors: dict[str, torch.Tensor], shards: int)
     weight_map = {}
     for index in range(shards):
         file_name = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
-        chunk = names[bounds[index]:bounds[index + 1]]
+        chunk = names[bounds[index] : bounds[index + 1]]
         save_file({name: tensors[name] for name in chunk}, out_dir / file_name, metadata=metadata)
         weight_map.update(dict.fromkeys(chunk, file_name))
-    _write_json(out_dir / "model.safetensors.index.json",
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    _write_json(
+        out_dir / "model.safetensors.index.json",
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+    )
 
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def _resolve_options(*, version: int, layout: str, shards: int, image_size: int, sliding_window: int | None,
-                     sparse_config: bool | None, dtype: str, seed: int, weight_scale: float) -> dict:
+def _resolve_options(
+    *,
+    version: int,
+    layout: str,
+    shards: int,
+    image_size: int,
+    sliding_window: int | None,
+    sparse_config: bool | None,
+    dtype: str,
+    seed: int,
+    weight_scale: float,
+) -> dict:
     """Validate the options before anything is written and fill in the version-dependent defaults."""
     if version not in TEXT:
         raise ValueError(f"version must be 1 or 2, got {version}")
@@ -351,16 +505,31 @@ def _resolve_options(*, version: int, layout: str, shards: int, image_size: int,
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
     return dict(
-        version=version, layout=layout, shards=shards, image_size=image_size,
+        version=version,
+        layout=layout,
+        shards=shards,
+        image_size=image_size,
         sliding_window=(sliding_window or DEFAULT_SLIDING_WINDOW) if version == 2 else None,
         sparse_config=version == 1 if sparse_config is None else sparse_config,
-        dtype=dtype, seed=seed, weight_scale=weight_scale,
+        dtype=dtype,
+        seed=seed,
+        weight_scale=weight_scale,
     )
 
 
-def _write_checkpoint(out_dir: Path, *, version: int, layout: str, shards: int, image_size: int,
-                      sliding_window: int | None, sparse_config: bool, dtype: str, seed: int,
-                      weight_scale: float) -> None:
+def _write_checkpoint(
+    out_dir: Path,
+    *,
+    version: int,
+    layout: str,
+    shards: int,
+    image_size: int,
+    sliding_window: int | None,
+    sparse_config: bool,
+    dtype: str,
+    seed: int,
+    weight_scale: float,
+) -> None:
     from transformers import GenerationConfig, PaliGemmaForConditionalGeneration
 
     num_image_tokens = (image_size // VISION["patch_size"]) ** 2
@@ -400,10 +569,19 @@ def _build_atomically(out_dir: Path, replace: bool, options: dict) -> Path:
     return out_dir
 
 
-def make_tiny_checkpoint(out_dir, *, version: int = 1, layout: str = "hub", shards: int = 1,
-                         image_size: int = 56, sliding_window: int | None = None,
-                         sparse_config: bool | None = None, dtype: str = "float32",
-                         seed: int = 0, weight_scale: float = 1.0) -> Path:
+def make_tiny_checkpoint(
+    out_dir,
+    *,
+    version: int = 1,
+    layout: str = "hub",
+    shards: int = 1,
+    image_size: int = 56,
+    sliding_window: int | None = None,
+    sparse_config: bool | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    weight_scale: float = 1.0,
+) -> Path:
     """Write a tiny random PaliGemma `version` (1 or 2) checkpoint into `out_dir` (absent or empty).
 
     `layout` "hub" uses the keys of the original hub repositories, "transformers" those of 5.x
@@ -412,17 +590,33 @@ def make_tiny_checkpoint(out_dir, *, version: int = 1, layout: str = "hub", shar
     Returns the absolute path.
     """
     options = _resolve_options(
-        version=version, layout=layout, shards=shards, image_size=image_size, sliding_window=sliding_window,
-        sparse_config=sparse_config, dtype=dtype, seed=seed, weight_scale=weight_scale,
+        version=version,
+        layout=layout,
+        shards=shards,
+        image_size=image_size,
+        sliding_window=sliding_window,
+        sparse_config=sparse_config,
+        dtype=dtype,
+        seed=seed,
+        weight_scale=weight_scale,
     )
     return _build_atomically(Path(out_dir), False, options)
 
 
 # --- verification ----------------------------------------------------------------------------------------
 
-VERIFY_PROMPTS = ("caption en", "answer en what is on the table?", "detect cat ; dog", "ocr\nline two",
-                  "In 2024, 42% of cars.", "café ☕", "  leading spaces", "tabs\tand  double  spaces",
-                  "<loc0005><loc1023> cat", "")
+VERIFY_PROMPTS = (
+    "caption en",
+    "answer en what is on the table?",
+    "detect cat ; dog",
+    "ocr\nline two",
+    "In 2024, 42% of cars.",
+    "café ☕",
+    "  leading spaces",
+    "tabs\tand  double  spaces",
+    "<loc0005><loc1023> cat",
+    "",
+)
 VERIFY_SUFFIXES = ("a cat on a mat", "<loc0001><loc0002><loc0003><loc0004> dog ; <seg127>", " naïve 7\n")
 
 
@@ -445,23 +639,27 @@ def verify_processor(out_dir) -> None:
     num_image_tokens = config["text_config"]["num_image_tokens"]
 
     assert image_id == sp.get_piece_size(), f"image_token_index {image_id} != sentencepiece size {sp.get_piece_size()}"
-    assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == image_id, \
+    assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == image_id, (
         f"processor maps <image> to {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}, config says {image_id}"
+    )
     assert processor.image_token_id == image_id
-    assert processor.image_seq_length == num_image_tokens, \
+    assert processor.image_seq_length == num_image_tokens, (
         f"processor image_seq_length {processor.image_seq_length} != {num_image_tokens}"
+    )
     assert config["text_config"]["vocab_size"] > image_id
     for token in ("<loc0005>", "<seg127>", "<s>", "</s>", "<pad>", "\n"):
-        assert tokenizer.convert_tokens_to_ids(token) == sp.piece_to_id(token), \
+        assert tokenizer.convert_tokens_to_ids(token) == sp.piece_to_id(token), (
             f"{token!r}: processor id {tokenizer.convert_tokens_to_ids(token)}, sentencepiece {sp.piece_to_id(token)}"
+        )
     ids = (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id)
     assert ids == (PAD_ID, EOS_ID, BOS_ID, UNK_ID), f"pad/eos/bos/unk ids {ids}"
 
     # Both image-processor files (hub style and transformers 5 style) must say the same thing.
     nested = json.loads((out_dir / "processor_config.json").read_text())["image_processor"]
     legacy = json.loads((out_dir / "preprocessor_config.json").read_text())
-    assert {**nested, "processor_class": "PaliGemmaProcessor"} == legacy, \
+    assert {**nested, "processor_class": "PaliGemmaProcessor"} == legacy, (
         "preprocessor_config.json and processor_config.json disagree"
+    )
 
     # Pixels: transparency composited onto white, bicubic resize to a square, [0, 255] -> [-1, 1].
     image_size = processor.image_processor.size["height"]
@@ -470,26 +668,29 @@ def verify_processor(out_dir) -> None:
     resized = np.asarray(rgb.resize((image_size, image_size), Image.BICUBIC), dtype=np.float32)
     want_pixels = (resized / 127.5 - 1.0).transpose(2, 0, 1)[None]
     pixels = processor(images=image, text=IMAGE_TOKEN, return_tensors="np")["pixel_values"]
-    assert pixels.shape == want_pixels.shape and np.allclose(pixels, want_pixels, atol=1e-5), \
+    assert pixels.shape == want_pixels.shape and np.allclose(pixels, want_pixels, atol=1e-5), (
         f"pixel_values differ from white-composited bicubic [-1, 1] pixels (max {np.abs(pixels - want_pixels).max()})"
+    )
 
     prefix = [image_id] * num_image_tokens + [BOS_ID]
     for prompt in VERIFY_PROMPTS:
         # The documented form "<image>" + prompt; the bare prompt (image tokens inferred) must agree.
         got = processor(images=image, text=IMAGE_TOKEN + prompt, return_tensors="np")
         want = prefix + sp.encode(prompt + "\n")
-        assert got["input_ids"][0].tolist() == want, \
-            f"prompt {prompt!r}: processor {got['input_ids'][0].tolist()[len(prefix):]}, " \
-            f"sentencepiece {want[len(prefix):]} (after the image tokens and bos)"
+        assert got["input_ids"][0].tolist() == want, (
+            f"prompt {prompt!r}: processor {got['input_ids'][0].tolist()[len(prefix) :]}, "
+            f"sentencepiece {want[len(prefix) :]} (after the image tokens and bos)"
+        )
     bare = processor(images=image, text=VERIFY_PROMPTS[1], return_tensors="np")["input_ids"][0].tolist()
     assert bare == prefix + sp.encode(VERIFY_PROMPTS[1] + "\n"), f"bare prompt {VERIFY_PROMPTS[1]!r}: {bare}"
     for suffix in VERIFY_SUFFIXES:
         got = processor(images=image, text=IMAGE_TOKEN + "answer en why", suffix=suffix, return_tensors="np")
         want_prefix = prefix + sp.encode("answer en why\n")
         want = want_prefix + sp.encode(suffix) + [EOS_ID]
-        assert got["input_ids"][0].tolist() == want, \
-            f"suffix {suffix!r}: processor {got['input_ids'][0].tolist()[len(want_prefix):]}, " \
-            f"sentencepiece + eos {want[len(want_prefix):]}"
+        assert got["input_ids"][0].tolist() == want, (
+            f"suffix {suffix!r}: processor {got['input_ids'][0].tolist()[len(want_prefix) :]}, "
+            f"sentencepiece + eos {want[len(want_prefix) :]}"
+        )
         token_types = [0] * len(want_prefix) + [1] * (len(want) - len(want_prefix))
         assert got["token_type_ids"][0].tolist() == token_types, f"suffix {suffix!r}: wrong token_type_ids"
 
@@ -498,7 +699,9 @@ def _read_stored(out_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = out_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     tensors = {}
     for file_name in files:
         tensors.update(load_file(out_dir / file_name))
@@ -527,19 +730,22 @@ def verify_transformers_load(out_dir) -> dict:
     for key, tensor in stored.items():
         prefix = next((p for p in to_memory if key.startswith(p)), None)
         assert prefix is not None, f"unexpected stored key {key}"
-        name = to_memory[prefix] + key[len(prefix):]
+        name = to_memory[prefix] + key[len(prefix) :]
         assert name in params, f"stored {key} has no parameter {name}"
-        assert params[name].dtype == tensor.dtype and torch.equal(params[name], tensor), \
+        assert params[name].dtype == tensor.dtype and torch.equal(params[name], tensor), (
             f"parameter {name} differs from stored {key}"
+        )
         expected.add(name)
     missing = set(params) - expected - {TIED_KEY}
     assert not missing, f"parameters not loaded from the file: {sorted(missing)}"
-    assert params[TIED_KEY].data_ptr() == params["model.language_model.embed_tokens.weight"].data_ptr(), \
+    assert params[TIED_KEY].data_ptr() == params["model.language_model.embed_tokens.weight"].data_ptr(), (
         "lm_head is not tied to the text embedding"
+    )
     return info
 
 
 # --- CLI -------------------------------------------------------------------------------------------------
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -550,17 +756,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=None, help="56 (224 for --preset 3b)")
     parser.add_argument("--sliding-window", type=int, default=None)
     sparse = parser.add_mutually_exclusive_group()
-    sparse.add_argument("--sparse-config", dest="sparse_config", action="store_true", default=None,
-                        help="hub-style sparse config.json (default for version 1)")
-    sparse.add_argument("--full-config", dest="sparse_config", action="store_false",
-                        help="config.json as transformers 5 writes it (default for version 2)")
+    sparse.add_argument(
+        "--sparse-config",
+        dest="sparse_config",
+        action="store_true",
+        default=None,
+        help="hub-style sparse config.json (default for version 1)",
+    )
+    sparse.add_argument(
+        "--full-config",
+        dest="sparse_config",
+        action="store_false",
+        help="config.json as transformers 5 writes it (default for version 2)",
+    )
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="float32 (bfloat16 for --preset 3b)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weight-scale", type=float, default=1.0)
     parser.add_argument("--verify", action="store_true", help="check the processor and transformers loading")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
-    parser.add_argument("--preset", choices=("3b",), help="random weights with the exact paligemma-3b-pt-224 "
-                        "shapes (~5.9 GB in bf16; only --dtype, --seed, --image-size, --force apply)")
+    parser.add_argument(
+        "--preset",
+        choices=("3b",),
+        help="random weights with the exact paligemma-3b-pt-224 "
+        "shapes (~5.9 GB in bf16; only --dtype, --seed, --image-size, --force apply)",
+    )
     args = parser.parse_args(argv)
     if args.preset == "3b":
         return _main_3b(args)
@@ -569,9 +788,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         options = _resolve_options(
-            version=args.version, layout=args.layout, shards=args.shards, image_size=args.image_size,
-            sliding_window=args.sliding_window, sparse_config=args.sparse_config, dtype=args.dtype,
-            seed=args.seed, weight_scale=args.weight_scale,
+            version=args.version,
+            layout=args.layout,
+            shards=args.shards,
+            image_size=args.image_size,
+            sliding_window=args.sliding_window,
+            sparse_config=args.sparse_config,
+            dtype=args.dtype,
+            seed=args.seed,
+            weight_scale=args.weight_scale,
         )
         out_dir = _build_atomically(args.out_dir, args.force, options)
     except FileExistsError as error:
@@ -584,16 +809,20 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     config = json.loads((out_dir / "config.json").read_text())
     print(out_dir)
-    print(f"PaliGemma {args.version} ({config['text_config']['model_type']}), {args.layout} layout, "
-          f"{args.shards} shard(s), {args.dtype}, {'sparse' if options['sparse_config'] else 'full'} config, "
-          f"{args.image_size}px image -> {config['text_config']['num_image_tokens']} tokens, "
-          f"<image> id {config['image_token_index']}, vocab {config['text_config']['vocab_size']}, "
-          f"seed {args.seed}, built in {elapsed:.1f}s")
+    print(
+        f"PaliGemma {args.version} ({config['text_config']['model_type']}), {args.layout} layout, "
+        f"{args.shards} shard(s), {args.dtype}, {'sparse' if options['sparse_config'] else 'full'} config, "
+        f"{args.image_size}px image -> {config['text_config']['num_image_tokens']} tokens, "
+        f"<image> id {config['image_token_index']}, vocab {config['text_config']['vocab_size']}, "
+        f"seed {args.seed}, built in {elapsed:.1f}s"
+    )
     if args.verify:
         verify_processor(out_dir)
         info = verify_transformers_load(out_dir)
-        print(f"verified: processor tokenization matches sentencepiece; transformers loads every tensor "
-              f"(loading info {info})")
+        print(
+            f"verified: processor tokenization matches sentencepiece; transformers loads every tensor "
+            f"(loading info {info})"
+        )
     return 0
 
 
@@ -604,10 +833,16 @@ if __name__ == "__main__":
 # --- full-size preset (benchmarks) -------------------------------------------------------------------------
 
 PALIGEMMA_3B = dict(
-    vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                patch_size=14),
-    text=dict(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
-              num_key_value_heads=1, head_dim=256, vocab_size=257216),
+    vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=14),
+    text=dict(
+        hidden_size=2048,
+        intermediate_size=16384,
+        num_hidden_layers=18,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=256,
+        vocab_size=257216,
+    ),
     image_token_index=257152,
 )
 
@@ -631,26 +866,41 @@ def _paligemma_3b_shapes(image_size: int) -> dict[str, tuple[int, ...]]:
         pre = f"vision_tower.vision_model.encoder.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             shapes[f"{pre}self_attn.{proj}.weight"], shapes[f"{pre}self_attn.{proj}.bias"] = (d, d), (d,)
-        shapes[f"{pre}mlp.fc1.weight"], shapes[f"{pre}mlp.fc1.bias"] = (v["intermediate_size"], d), (v["intermediate_size"],)
+        shapes[f"{pre}mlp.fc1.weight"], shapes[f"{pre}mlp.fc1.bias"] = (
+            (v["intermediate_size"], d),
+            (v["intermediate_size"],),
+        )
         shapes[f"{pre}mlp.fc2.weight"], shapes[f"{pre}mlp.fc2.bias"] = (d, v["intermediate_size"]), (d,)
         for norm in ("layer_norm1", "layer_norm2"):
             shapes[f"{pre}{norm}.weight"], shapes[f"{pre}{norm}.bias"] = (d,), (d,)
     h, q, kv = t["hidden_size"], t["num_attention_heads"] * t["head_dim"], t["num_key_value_heads"] * t["head_dim"]
     for i in range(t["num_hidden_layers"]):
         pre = f"language_model.model.layers.{i}."
-        shapes.update({
-            f"{pre}self_attn.q_proj.weight": (q, h), f"{pre}self_attn.k_proj.weight": (kv, h),
-            f"{pre}self_attn.v_proj.weight": (kv, h), f"{pre}self_attn.o_proj.weight": (h, q),
-            f"{pre}mlp.gate_proj.weight": (t["intermediate_size"], h),
-            f"{pre}mlp.up_proj.weight": (t["intermediate_size"], h),
-            f"{pre}mlp.down_proj.weight": (h, t["intermediate_size"]),
-            f"{pre}input_layernorm.weight": (h,), f"{pre}post_attention_layernorm.weight": (h,),
-        })
+        shapes.update(
+            {
+                f"{pre}self_attn.q_proj.weight": (q, h),
+                f"{pre}self_attn.k_proj.weight": (kv, h),
+                f"{pre}self_attn.v_proj.weight": (kv, h),
+                f"{pre}self_attn.o_proj.weight": (h, q),
+                f"{pre}mlp.gate_proj.weight": (t["intermediate_size"], h),
+                f"{pre}mlp.up_proj.weight": (t["intermediate_size"], h),
+                f"{pre}mlp.down_proj.weight": (h, t["intermediate_size"]),
+                f"{pre}input_layernorm.weight": (h,),
+                f"{pre}post_attention_layernorm.weight": (h,),
+            }
+        )
     return shapes
 
 
-def make_paligemma_3b_checkpoint(out_dir, dtype: str = "bfloat16", seed: int = 0, image_size: int = 224, *,
-                                 shard_bytes: int = 2 * 1024 ** 3, replace: bool = False) -> Path:
+def make_paligemma_3b_checkpoint(
+    out_dir,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    image_size: int = 224,
+    *,
+    shard_bytes: int = 2 * 1024**3,
+    replace: bool = False,
+) -> Path:
     """A random checkpoint with the exact shapes of google/paligemma-3b-pt-224, for benchmarks.
 
     Written tensor by tensor into shards of at most `shard_bytes`, so memory stays at about one
@@ -688,7 +938,7 @@ def _write_paligemma_3b(out_dir: Path, dtype: str, seed: int, image_size: int, s
     _write_processor(out_dir, image_size, (image_size // PALIGEMMA_3B["vision"]["patch_size"]) ** 2)
 
     def random_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if len(shape) == 1:   # SigLIP LayerNorm weights around 1; biases and Gemma's (1 + w) norms around 0
+        if len(shape) == 1:  # SigLIP LayerNorm weights around 1; biases and Gemma's (1 + w) norms around 0
             is_layer_norm = name.startswith("vision_tower.") and "norm" in name and name.endswith(".weight")
             mean = 1.0 if is_layer_norm else 0.0
             return (torch.randn(shape, generator=generator) * 0.1 + mean).to(DTYPES[dtype])
@@ -708,43 +958,79 @@ def _write_paligemma_3b(out_dir: Path, dtype: str, seed: int, image_size: int, s
     weight_map = {}
     for index, names in enumerate(shards):
         file_name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({name: random_tensor(name, shapes[name]) for name in names}, out_dir / file_name,
-                  metadata={"format": "pt"})
+        save_file(
+            {name: random_tensor(name, shapes[name]) for name in names}, out_dir / file_name, metadata={"format": "pt"}
+        )
         weight_map.update(dict.fromkeys(names, file_name))
     total = sum(math.prod(s) for s in shapes.values()) * itemsize
     _write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     v, t = PALIGEMMA_3B["vision"], PALIGEMMA_3B["text"]
     num_image_tokens = (image_size // v["patch_size"]) ** 2
-    _write_json(out_dir / "config.json", {
-        "architectures": ["PaliGemmaForConditionalGeneration"], "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
-        "hidden_size": 2048, "ignore_index": -100, "image_token_index": PALIGEMMA_3B["image_token_index"],
-        "model_type": "paligemma", "pad_token_id": PAD_ID, "projection_dim": t["hidden_size"],
-        "text_config": {"hidden_size": t["hidden_size"], "intermediate_size": t["intermediate_size"],
-                        "model_type": "gemma", "num_attention_heads": t["num_attention_heads"],
-                        "num_hidden_layers": t["num_hidden_layers"], "num_image_tokens": num_image_tokens,
-                        "num_key_value_heads": t["num_key_value_heads"], "torch_dtype": dtype,
-                        "vocab_size": t["vocab_size"]},
-        "torch_dtype": dtype, "transformers_version": "4.41.0.dev0",
-        "vision_config": {**{k: v[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                               "num_hidden_layers", "patch_size")},
-                          "image_size": image_size, "model_type": "siglip_vision_model",
-                          "num_image_tokens": num_image_tokens, "projection_dim": t["hidden_size"],
-                          "projector_hidden_act": "gelu_fast", "vision_use_head": False},
-    })
+    _write_json(
+        out_dir / "config.json",
+        {
+            "architectures": ["PaliGemmaForConditionalGeneration"],
+            "bos_token_id": BOS_ID,
+            "eos_token_id": EOS_ID,
+            "hidden_size": 2048,
+            "ignore_index": -100,
+            "image_token_index": PALIGEMMA_3B["image_token_index"],
+            "model_type": "paligemma",
+            "pad_token_id": PAD_ID,
+            "projection_dim": t["hidden_size"],
+            "text_config": {
+                "hidden_size": t["hidden_size"],
+                "intermediate_size": t["intermediate_size"],
+                "model_type": "gemma",
+                "num_attention_heads": t["num_attention_heads"],
+                "num_hidden_layers": t["num_hidden_layers"],
+                "num_image_tokens": num_image_tokens,
+                "num_key_value_heads": t["num_key_value_heads"],
+                "torch_dtype": dtype,
+                "vocab_size": t["vocab_size"],
+            },
+            "torch_dtype": dtype,
+            "transformers_version": "4.41.0.dev0",
+            "vision_config": {
+                **{
+                    k: v[k]
+                    for k in (
+                        "hidden_size",
+                        "intermediate_size",
+                        "num_attention_heads",
+                        "num_hidden_layers",
+                        "patch_size",
+                    )
+                },
+                "image_size": image_size,
+                "model_type": "siglip_vision_model",
+                "num_image_tokens": num_image_tokens,
+                "projection_dim": t["hidden_size"],
+                "projector_hidden_act": "gelu_fast",
+                "vision_use_head": False,
+            },
+        },
+    )
 
 
 def _main_3b(args: argparse.Namespace) -> int:
     """`--preset 3b` of the CLI (main() dispatches here)."""
     start = time.perf_counter()
     try:
-        out_dir = make_paligemma_3b_checkpoint(args.out_dir, dtype=args.dtype or "bfloat16", seed=args.seed,
-                                               image_size=args.image_size or 224,
-                                               replace=args.force)
+        out_dir = make_paligemma_3b_checkpoint(
+            args.out_dir,
+            dtype=args.dtype or "bfloat16",
+            seed=args.seed,
+            image_size=args.image_size or 224,
+            replace=args.force,
+        )
     except (FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors")) / 1e9
     print(out_dir)
-    print(f"paligemma-3b-pt-224 shapes, random weights, {args.dtype or 'bfloat16'}, {size:.2f} GB, "
-          f"seed {args.seed}, built in {time.perf_counter() - start:.0f}s")
+    print(
+        f"paligemma-3b-pt-224 shapes, random weights, {args.dtype or 'bfloat16'}, {size:.2f} GB, "
+        f"seed {args.seed}, built in {time.perf_counter() - start:.0f}s"
+    )
     return 0

@@ -114,10 +114,9 @@ class LanguageModel(nn.Module):
     def embed(self, input_ids: mx.array) -> mx.array:
         """Token embeddings times sqrt(hidden), the factor rounded to the weight dtype first (bf16: 45.25)."""
         h = self.embed_tokens(input_ids)
-        return h * mx.array(self.config.hidden_size ** 0.5, dtype=h.dtype)
+        return h * mx.array(self.config.hidden_size**0.5, dtype=h.dtype)
 
-    def __call__(self, h: mx.array, masks: dict[str, Optional[mx.array]],
-                 cache: Optional[list] = None) -> mx.array:
+    def __call__(self, h: mx.array, masks: dict[str, Optional[mx.array]], cache: Optional[list] = None) -> mx.array:
         """Embeddings (B, L, D) -> final-normed hidden states; masks keyed "full" / "sliding"."""
         for i, layer in enumerate(self.layers):
             h = layer(h, masks["sliding" if layer.is_sliding else "full"], cache[i] if cache else None)

@@ -29,9 +29,13 @@ class MultiModalProjector(nn.Module):
         return self.linear(x)
 
 
-def prefix_lm_masks(attention_mask: mx.array, token_type_ids: Optional[mx.array], sliding_window: Optional[int],
-                    query_positions: Optional[mx.array] = None,
-                    key_positions: Optional[mx.array] = None) -> dict[str, Optional[mx.array]]:
+def prefix_lm_masks(
+    attention_mask: mx.array,
+    token_type_ids: Optional[mx.array],
+    sliding_window: Optional[int],
+    query_positions: Optional[mx.array] = None,
+    key_positions: Optional[mx.array] = None,
+) -> dict[str, Optional[mx.array]]:
     """Boolean (B, 1, Lq, Lk) masks, True where a query may attend a key.
 
     Without positions, queries and keys are the L input tokens. With a cache, `key_positions`
@@ -45,10 +49,10 @@ def prefix_lm_masks(attention_mask: mx.array, token_type_ids: Optional[mx.array]
     k = mx.arange(L) if key_positions is None else key_positions
     q, k = q[:, None], k[None, :]
     causal = k <= q
-    keep = mx.take(attention_mask.astype(mx.bool_), k[0], axis=1)[:, None, :]     # (B, 1, Lk)
+    keep = mx.take(attention_mask.astype(mx.bool_), k[0], axis=1)[:, None, :]  # (B, 1, Lk)
     if token_type_ids is not None:
         prefix = token_type_ids == 0
-        both_prefix = prefix[:, :, None] & prefix[:, None, :]                     # prefill: Lq == Lk
+        both_prefix = prefix[:, :, None] & prefix[:, None, :]  # prefill: Lq == Lk
     else:
         both_prefix = mx.zeros((1, 1, 1), mx.bool_)
     diagonal = q == k
@@ -67,16 +71,18 @@ class PrefixLMCache:
     exactly like the real ones, tell the mask which position each slot holds.
     """
 
-    def __init__(self, model: "Model", attention_mask: mx.array):
+    def __init__(self, model: Model, attention_mask: mx.array):
         # Imported on first use: mlx-lm's package import pulls in transformers and torch.
         from mlx_lm.models.cache import KVCache, RotatingKVCache
 
         cfg = model.config.text_config
         self.window = cfg.sliding_window
-        self.layers = [RotatingKVCache(max_size=self.window) if cfg.is_sliding(i) else KVCache()
-                       for i in range(cfg.num_hidden_layers)]
+        self.layers = [
+            RotatingKVCache(max_size=self.window) if cfg.is_sliding(i) else KVCache()
+            for i in range(cfg.num_hidden_layers)
+        ]
         self._positions = {"full": KVCache(), "sliding": RotatingKVCache(max_size=self.window) if self.window else None}
-        self.attention_mask = attention_mask                                      # (B, positions so far)
+        self.attention_mask = attention_mask  # (B, positions so far)
 
     @property
     def offset(self) -> int:
@@ -87,7 +93,8 @@ class PrefixLMCache:
         B = self.attention_mask.shape[0]
         if self.offset > 0:
             self.attention_mask = mx.concatenate(
-                [self.attention_mask, mx.ones((B, new_tokens), self.attention_mask.dtype)], axis=1)
+                [self.attention_mask, mx.ones((B, new_tokens), self.attention_mask.dtype)], axis=1
+            )
         query = mx.arange(self.offset, self.offset + new_tokens)
         p = query.astype(mx.float32).reshape(1, 1, -1, 1)
         masks = {}
@@ -141,16 +148,23 @@ class Model(nn.Module):
         if image_features.shape[0] != input_ids.shape[0] or (counts != N).any():
             raise PaliGemmaError(
                 f"each row needs exactly {N} image tokens (id {cfg.image_token_id}) for its image; "
-                f"got {counts.tolist()} tokens for {image_features.shape[0]} images")
-        slot = mx.clip(mx.cumsum(is_image.astype(mx.int32), axis=1) - 1, 0, N - 1)   # (B, L)
+                f"got {counts.tolist()} tokens for {image_features.shape[0]} images"
+            )
+        slot = mx.clip(mx.cumsum(is_image.astype(mx.int32), axis=1) - 1, 0, N - 1)  # (B, L)
         placed = mx.take_along_axis(image_features, slot[..., None], axis=1)
         return mx.where(is_image[..., None], placed.astype(h.dtype), h)
 
     def logits(self, hidden: mx.array) -> mx.array:
         return self.language_model.logits(hidden, getattr(self, "lm_head", None))
 
-    def __call__(self, input_ids: Any, pixel_values: Any = None, attention_mask: Any = None,
-                 token_type_ids: Any = None, cache: Optional[list] = None) -> mx.array:
+    def __call__(
+        self,
+        input_ids: Any,
+        pixel_values: Any = None,
+        attention_mask: Any = None,
+        token_type_ids: Any = None,
+        cache: Optional[list] = None,
+    ) -> mx.array:
         """Logits (B, L, vocab) at every position. Defaults: no padding, the whole input is prefix."""
         input_ids = mx.array(input_ids)
         if input_ids.ndim == 1:
@@ -165,8 +179,13 @@ class Model(nn.Module):
     def make_cache(self, attention_mask: mx.array) -> PrefixLMCache:
         return PrefixLMCache(self, mx.array(attention_mask))
 
-    def prefill(self, input_ids: mx.array, image_features: Optional[mx.array], cache: PrefixLMCache,
-                token_type_ids: Optional[mx.array] = None) -> mx.array:
+    def prefill(
+        self,
+        input_ids: mx.array,
+        image_features: Optional[mx.array],
+        cache: PrefixLMCache,
+        token_type_ids: Optional[mx.array] = None,
+    ) -> mx.array:
         """Run the prefix (image + prompt) bidirectionally into the cache; logits of the last position only."""
         types = mx.zeros(input_ids.shape, mx.int32) if token_type_ids is None else token_type_ids
         h = self.embed_inputs(input_ids, image_features)

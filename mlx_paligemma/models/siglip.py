@@ -24,8 +24,10 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         B, L, _ = x.shape
-        q, k, v = (proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -67,12 +69,13 @@ class Encoder(nn.Module):
 class Embeddings(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size,
-                                         kernel_size=config.patch_size, stride=config.patch_size, bias=True)
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size, bias=True
+        )
         self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
 
     def __call__(self, pixel_values_nhwc: mx.array) -> mx.array:
-        patches = self.patch_embedding(pixel_values_nhwc)            # (B, H/p, W/p, D), row-major patches
+        patches = self.patch_embedding(pixel_values_nhwc)  # (B, H/p, W/p, D), row-major patches
         patches = patches.reshape(patches.shape[0], -1, patches.shape[-1])
         return patches + self.position_embedding.weight
 

@@ -27,5 +27,14 @@ from .device import choose_device, choose_dtype, parse_dtype  # noqa: E402
 from .load import load, load_model  # noqa: E402
 from .paligemma import Model, prefix_lm_masks  # noqa: E402
 
-__all__ = ["load", "load_model", "Model", "prefix_lm_masks", "PrefixLMCache", "LayerCache",
-           "choose_device", "choose_dtype", "parse_dtype"]
+__all__ = [
+    "load",
+    "load_model",
+    "Model",
+    "prefix_lm_masks",
+    "PrefixLMCache",
+    "LayerCache",
+    "choose_device",
+    "choose_dtype",
+    "parse_dtype",
+]

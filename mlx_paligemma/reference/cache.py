@@ -25,7 +25,7 @@ class LayerCache:
         self.window = window
         self.keys: Optional[torch.Tensor] = None
         self.values: Optional[torch.Tensor] = None
-        self.offset = 0                                  # positions seen so far (the RoPE offset)
+        self.offset = 0  # positions seen so far (the RoPE offset)
 
     def update_and_fetch(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this call's keys/values and return everything the call's queries may attend."""
@@ -36,7 +36,7 @@ class LayerCache:
         self.keys, self.values = keys, values
         if self.window is not None and keys.shape[2] > self.window:
             # A copy, not a view: a view would keep the whole prefill alive.
-            self.keys, self.values = keys[:, :, -self.window:].clone(), values[:, :, -self.window:].clone()
+            self.keys, self.values = keys[:, :, -self.window :].clone(), values[:, :, -self.window :].clone()
         return keys, values
 
     @property
@@ -53,16 +53,18 @@ class PrefixLMCache:
 
     def __init__(self, config: TextConfig):
         self.window = config.sliding_window
-        self.layers = [LayerCache(self.window if config.is_sliding(i) else None)
-                       for i in range(config.num_hidden_layers)]
-        self.attention_mask: Optional[torch.Tensor] = None                  # (B, positions so far)
+        self.layers = [
+            LayerCache(self.window if config.is_sliding(i) else None) for i in range(config.num_hidden_layers)
+        ]
+        self.attention_mask: Optional[torch.Tensor] = None  # (B, positions so far)
 
     @property
     def offset(self) -> int:
         return 0 if self.attention_mask is None else self.attention_mask.shape[1]
 
-    def masks(self, attention_mask: torch.Tensor, token_type_ids: Optional[torch.Tensor]
-              ) -> dict[str, Optional[torch.Tensor]]:
+    def masks(
+        self, attention_mask: torch.Tensor, token_type_ids: Optional[torch.Tensor]
+    ) -> dict[str, Optional[torch.Tensor]]:
         """Register this call's tokens and return its (B, 1, new, keys) masks, keyed "full" / "sliding".
 
         `attention_mask` covers this call's tokens only (earlier ones are remembered here);
@@ -72,16 +74,18 @@ class PrefixLMCache:
 
         start, new = self.offset, attention_mask.shape[1]
         if start and token_type_ids is not None and bool((token_type_ids == 0).any()):
-            raise PaliGemmaError("after the prefill, a cached call may only add suffix tokens "
-                                 "(token_type_ids 1): prefill the whole prefix in one call, since "
-                                 "prefix tokens attend to each other bidirectionally")
+            raise PaliGemmaError(
+                "after the prefill, a cached call may only add suffix tokens "
+                "(token_type_ids 1): prefill the whole prefix in one call, since "
+                "prefix tokens attend to each other bidirectionally"
+            )
         self.attention_mask = attention_mask if start == 0 else torch.cat([self.attention_mask, attention_mask], 1)
         types = token_type_ids if start == 0 else None
         device = attention_mask.device
         query = torch.arange(start, start + new, device=device)
         every = torch.arange(start + new, device=device)
         masks = prefix_lm_masks(self.attention_mask, types, self.window, query, every)
-        kept = min(start, self.window or 0)                       # sliding slots left from earlier calls
+        kept = min(start, self.window or 0)  # sliding slots left from earlier calls
         if self.window is not None and kept < start:
             keys = torch.arange(start - kept, start + new, device=device)
             masks["sliding"] = prefix_lm_masks(self.attention_mask, None, self.window, query, keys)["sliding"]

@@ -20,8 +20,7 @@ from . import env
 logger = logging.getLogger(__name__)
 
 DeviceLike = Union[str, torch.device, None]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 #: safetensors dtype codes of floating tensors.
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
@@ -62,8 +61,9 @@ def cuda_supports_bf16(index: int) -> bool:
 
 
 # -- decisions --------------------------------------------------------------------------------
-def choose_device(requested: DeviceLike = None, *, mps: Optional[bool] = None,
-                  cuda_count: Optional[int] = None) -> torch.device:
+def choose_device(
+    requested: DeviceLike = None, *, mps: Optional[bool] = None, cuda_count: Optional[int] = None
+) -> torch.device:
     """`requested` ("mps", "cuda", "cuda:1", "cpu", a torch.device) or the best available one."""
     mps = mps_available() if mps is None else mps
     cuda_count = cuda_device_count() if cuda_count is None else cuda_count
@@ -74,24 +74,29 @@ def choose_device(requested: DeviceLike = None, *, mps: Optional[bool] = None,
     try:
         device = torch.device(requested)
     except (RuntimeError, TypeError, ValueError):
-        raise PaliGemmaError(f"device {requested!r}: not a device name (use 'mps', 'cuda', 'cuda:N' or "
-                             f"'cpu')") from None
+        raise PaliGemmaError(
+            f"device {requested!r}: not a device name (use 'mps', 'cuda', 'cuda:N' or 'cpu')"
+        ) from None
     if device.type == "cpu":
         return torch.device("cpu")
     if device.type == "mps":
         if not mps:
-            raise PaliGemmaError(f"device 'mps' requested but {_why_no_mps()}; use device='cpu' "
-                                 f"(or leave device unset to choose automatically)")
+            raise PaliGemmaError(
+                f"device 'mps' requested but {_why_no_mps()}; use device='cpu' "
+                f"(or leave device unset to choose automatically)"
+            )
         return torch.device("mps")
     if device.type == "cuda":
         index = device.index or 0
         if index >= cuda_count:
             have = f"{cuda_count} CUDA device(s)" if cuda_count else "no CUDA device (or a CPU-only torch)"
-            raise PaliGemmaError(f"device {str(requested)!r} requested but this machine has {have}; "
-                                 f"use device='cpu' or leave it unset")
+            raise PaliGemmaError(
+                f"device {str(requested)!r} requested but this machine has {have}; use device='cpu' or leave it unset"
+            )
         return torch.device("cuda", index)
-    raise PaliGemmaError(f"device {str(requested)!r}: unsupported type {device.type!r} "
-                         f"(use 'mps', 'cuda', 'cuda:N' or 'cpu')")
+    raise PaliGemmaError(
+        f"device {str(requested)!r}: unsupported type {device.type!r} (use 'mps', 'cuda', 'cuda:N' or 'cpu')"
+    )
 
 
 def _why_no_mps() -> str:
@@ -116,7 +121,7 @@ def supports_bf16(device: torch.device) -> bool:
         return mps_supports_bf16()
     if device.type == "cuda":
         return cuda_supports_bf16(device.index or 0)
-    return True                              # CPU kernels exist for bf16 everywhere
+    return True  # CPU kernels exist for bf16 everywhere
 
 
 def choose_dtype(dtype: torch.dtype, device: torch.device, *, bf16: Optional[bool] = None) -> torch.dtype:
@@ -132,8 +137,12 @@ def choose_dtype(dtype: torch.dtype, device: torch.device, *, bf16: Optional[boo
         bf16 = supports_bf16(device) if bf16 is None else bf16
         if not bf16:
             need = "macOS 14 or newer" if device.type == "mps" else "a GPU of compute capability 8.0 or newer"
-            logger.warning("bfloat16 on %s needs %s: computing in float16 instead (a narrower range: "
-                           "use dtype='float32' if logits overflow to inf/nan)", device, need)
+            logger.warning(
+                "bfloat16 on %s needs %s: computing in float16 instead (a narrower range: "
+                "use dtype='float32' if logits overflow to inf/nan)",
+                device,
+                need,
+            )
             return torch.float16
     return dtype
 
@@ -141,9 +150,11 @@ def choose_dtype(dtype: torch.dtype, device: torch.device, *, bf16: Optional[boo
 def warn_if_env_too_late(device: torch.device) -> None:
     """The MPS fallback only works if it was in the environment when torch was imported."""
     if device.type == "mps" and env.TORCH_WAS_IMPORTED_FIRST and "PYTORCH_ENABLE_MPS_FALLBACK" in env.APPLIED:
-        logger.warning("torch was imported before mlx_paligemma.reference could set "
-                       "PYTORCH_ENABLE_MPS_FALLBACK=1, so MPS ops without a kernel will raise; "
-                       "export PYTORCH_ENABLE_MPS_FALLBACK=1 in the shell to enable the CPU fallback")
+        logger.warning(
+            "torch was imported before mlx_paligemma.reference could set "
+            "PYTORCH_ENABLE_MPS_FALLBACK=1, so MPS ops without a kernel will raise; "
+            "export PYTORCH_ENABLE_MPS_FALLBACK=1 in the shell to enable the CPU fallback"
+        )
 
 
 def as_tensor(x: Any, device: torch.device) -> torch.Tensor:

@@ -39,9 +39,9 @@ def low_watermark_for(high: str) -> str | None:
     try:
         value = float(high)
     except ValueError:
-        return None                      # torch reports a malformed value better than we can
+        return None  # torch reports a malformed value better than we can
     if value == 0.0 or value >= TORCH_DEFAULT_LOW_WATERMARK:
-        return None                      # 0 disables the limit: torch then allows low up to 2.0
+        return None  # 0 disables the limit: torch then allows low up to 2.0
     return f"{value * LOW_OVER_HIGH:.2f}"
 
 

@@ -43,12 +43,12 @@ class RoPE(nn.Module):
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         calc = torch.float64 if x.dtype == torch.float64 else torch.float32
         exponent = torch.arange(0, self.dims, 2, device=x.device, dtype=calc) / self.dims
-        inv_freq = 1.0 / (self.base ** exponent)
+        inv_freq = 1.0 / (self.base**exponent)
         positions = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=calc)
         angles = torch.outer(positions, inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        x1, x2 = x[..., : self.dims // 2], x[..., self.dims // 2:]
+        x1, x2 = x[..., : self.dims // 2], x[..., self.dims // 2 :]
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
@@ -73,8 +73,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
         self.rope = RoPE(self.head_dim, base=config.rope_theta)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                cache: Optional[Any] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, cache: Optional[Any] = None
+    ) -> torch.Tensor:
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, -1).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, -1).transpose(1, 2)
@@ -91,8 +92,9 @@ class Attention(nn.Module):
             out = self._softcapped_attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
-    def _softcapped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _softcapped_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         """Gemma 2: cap * tanh(scores / cap) before the mask; SDPA has no soft-cap."""
         scores = (q @ k.transpose(-1, -2)) * self.scale
         scores = torch.tanh(scores / self.softcap) * self.softcap
@@ -127,8 +129,9 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(dim, eps)
             self.post_feedforward_layernorm = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                cache: Optional[Any] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, cache: Optional[Any] = None
+    ) -> torch.Tensor:
         r = self.self_attn(self.input_layernorm(x), mask, cache)
         if not self.is_gemma2:
             h = x + r
@@ -148,10 +151,11 @@ class LanguageModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings times sqrt(hidden), the factor rounded to the weight dtype first (bf16: 45.25)."""
         h = self.embed_tokens(input_ids)
-        return h * torch.tensor(self.config.hidden_size ** 0.5, dtype=h.dtype, device=h.device)
+        return h * torch.tensor(self.config.hidden_size**0.5, dtype=h.dtype, device=h.device)
 
-    def forward(self, h: torch.Tensor, masks: dict[str, Optional[torch.Tensor]],
-                cache: Optional[list] = None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, masks: dict[str, Optional[torch.Tensor]], cache: Optional[list] = None
+    ) -> torch.Tensor:
         """Embeddings (B, L, D) -> final-normed hidden states; masks keyed "full" / "sliding"."""
         for i, layer in enumerate(self.layers):
             h = layer(h, masks["sliding" if layer.is_sliding else "full"], cache[i] if cache else None)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import resource
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -52,4 +53,4 @@ class TorchRunner:
         if device.type == "mps":
             return torch.mps.driver_allocated_memory() / 1e9
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9   # bytes on macOS, KiB on Linux
+        return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9  # bytes on macOS, KiB on Linux

@@ -21,8 +21,15 @@ from ..checkpoint import TensorInfo, check_tensors, open_checkpoint, resolve_mod
 from ..config import load_config
 from ..errors import CheckpointError
 from ..processor import Processor
-from .device import (SAFETENSORS_DTYPES, DeviceLike, as_tensor, choose_device, choose_dtype, parse_dtype,
-                     warn_if_env_too_late)
+from .device import (
+    SAFETENSORS_DTYPES,
+    DeviceLike,
+    as_tensor,
+    choose_device,
+    choose_dtype,
+    parse_dtype,
+    warn_if_env_too_late,
+)
 from .paligemma import Model
 
 
@@ -31,13 +38,13 @@ class LazyTensor:
     """A checkpoint tensor not read yet: what `Model.sanitize` sees instead of the data."""
 
     info: TensorInfo
-    order: Optional[tuple[int, ...]] = None        # a pending permute (conv layout)
+    order: Optional[tuple[int, ...]] = None  # a pending permute (conv layout)
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.info.shape[i] for i in self.order) if self.order else self.info.shape
 
-    def permute(self, *order: int) -> "LazyTensor":
+    def permute(self, *order: int) -> LazyTensor:
         return LazyTensor(self.info, tuple(order))
 
     def read(self, handle, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -52,8 +59,9 @@ class LazyTensor:
         return t.contiguous().to(device)
 
 
-def load(path_or_repo_id: Union[str, os.PathLike], device: DeviceLike = None,
-         dtype: Union[str, torch.dtype, None] = None) -> tuple[Model, Processor]:
+def load(
+    path_or_repo_id: Union[str, os.PathLike], device: DeviceLike = None, dtype: Union[str, torch.dtype, None] = None
+) -> tuple[Model, Processor]:
     """Load a PaliGemma 1 or 2 checkpoint on `device` (MPS > CUDA > CPU unless given).
 
     Computes in the checkpoint's dtype unless `dtype` is given ("float32", "bfloat16",
@@ -65,8 +73,9 @@ def load(path_or_repo_id: Union[str, os.PathLike], device: DeviceLike = None,
     return model, Processor.from_dir(model_dir, model.config, to_array=to_array)
 
 
-def load_model(model_dir: Union[str, os.PathLike], device: DeviceLike = None,
-               dtype: Union[str, torch.dtype, None] = None) -> Model:
+def load_model(
+    model_dir: Union[str, os.PathLike], device: DeviceLike = None, dtype: Union[str, torch.dtype, None] = None
+) -> Model:
     """The torch model alone, from a local checkpoint directory, in eval mode without gradients."""
     target = choose_device(device)
     warn_if_env_too_late(target)
@@ -83,15 +92,16 @@ def load_model(model_dir: Union[str, os.PathLike], device: DeviceLike = None,
     if requested is None:
         code = weights["language_model.embed_tokens.weight"].info.dtype
         if code not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{ckpt.source('language_model.embed_tokens.weight')}: dtype {code} is not "
-                                  f"a float type; pass dtype= explicitly")
+            raise CheckpointError(
+                f"{ckpt.source('language_model.embed_tokens.weight')}: dtype {code} is not "
+                f"a float type; pass dtype= explicitly"
+            )
         requested = SAFETENSORS_DTYPES[code]
     compute_dtype = choose_dtype(requested, target)
 
     state = {}
     with contextlib.ExitStack() as stack:
-        handles = {path: stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-                   for path in ckpt.files}
+        handles = {path: stack.enter_context(safe_open(str(path), framework="pt", device="cpu")) for path in ckpt.files}
         for key, lazy in weights.items():
             state[key] = lazy.read(handles[lazy.info.file], compute_dtype, target)
     model.load_state_dict(state, strict=True, assign=True)

@@ -30,9 +30,13 @@ class MultiModalProjector(nn.Module):
         return self.linear(x)
 
 
-def prefix_lm_masks(attention_mask: torch.Tensor, token_type_ids: Optional[torch.Tensor],
-                    sliding_window: Optional[int], query_positions: Optional[torch.Tensor] = None,
-                    key_positions: Optional[torch.Tensor] = None) -> dict[str, Optional[torch.Tensor]]:
+def prefix_lm_masks(
+    attention_mask: torch.Tensor,
+    token_type_ids: Optional[torch.Tensor],
+    sliding_window: Optional[int],
+    query_positions: Optional[torch.Tensor] = None,
+    key_positions: Optional[torch.Tensor] = None,
+) -> dict[str, Optional[torch.Tensor]]:
     """Boolean (B, 1, Lq, Lk) masks, True where a query may attend a key.
 
     Without positions, queries and keys are the L input tokens. With a cache, `key_positions`
@@ -46,10 +50,10 @@ def prefix_lm_masks(attention_mask: torch.Tensor, token_type_ids: Optional[torch
     k = torch.arange(L, device=device) if key_positions is None else key_positions
     q, k = q[:, None], k[None, :]
     causal = k <= q
-    keep = attention_mask.bool()[:, k[0]][:, None, :]                              # (B, 1, Lk)
+    keep = attention_mask.bool()[:, k[0]][:, None, :]  # (B, 1, Lk)
     if token_type_ids is not None:
         prefix = token_type_ids == 0
-        both_prefix = prefix[:, :, None] & prefix[:, None, :]                      # prefill: Lq == Lk
+        both_prefix = prefix[:, :, None] & prefix[:, None, :]  # prefill: Lq == Lk
     else:
         both_prefix = torch.zeros((1, 1, 1), dtype=torch.bool, device=device)
     diagonal = q == k
@@ -102,8 +106,9 @@ class Model(nn.Module):
         if image_features.shape[0] != input_ids.shape[0] or any(c != N for c in counts):
             raise PaliGemmaError(
                 f"each row needs exactly {N} image tokens (id {cfg.image_token_id}) for its image; "
-                f"got {counts} tokens for {image_features.shape[0]} images")
-        slot = (torch.cumsum(is_image.long(), dim=1) - 1).clamp(0, N - 1)          # (B, L)
+                f"got {counts} tokens for {image_features.shape[0]} images"
+            )
+        slot = (torch.cumsum(is_image.long(), dim=1) - 1).clamp(0, N - 1)  # (B, L)
         placed = torch.gather(image_features, 1, slot[..., None].expand(-1, -1, image_features.shape[-1]))
         return torch.where(is_image[..., None], placed.to(h.dtype), h)
 
@@ -111,8 +116,14 @@ class Model(nn.Module):
         return self.language_model.logits(hidden, getattr(self, "lm_head", None))
 
     @torch.inference_mode()
-    def forward(self, input_ids: Any, pixel_values: Any = None, attention_mask: Any = None,
-                token_type_ids: Any = None, cache: Optional[PrefixLMCache] = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: Any,
+        pixel_values: Any = None,
+        attention_mask: Any = None,
+        token_type_ids: Any = None,
+        cache: Optional[PrefixLMCache] = None,
+    ) -> torch.Tensor:
         """Logits (B, L, vocab) at every position. Defaults: no padding, the whole input is prefix.
 
         With a `cache` (from `make_cache`), the first call is the prefill and later calls
@@ -123,8 +134,14 @@ class Model(nn.Module):
         return self.logits(self._hidden(input_ids, features, attention_mask, token_type_ids, cache))
 
     @torch.inference_mode()
-    def prefill(self, input_ids: Any, image_features: Optional[torch.Tensor], cache: PrefixLMCache,
-                attention_mask: Any = None, token_type_ids: Any = None) -> torch.Tensor:
+    def prefill(
+        self,
+        input_ids: Any,
+        image_features: Optional[torch.Tensor],
+        cache: PrefixLMCache,
+        attention_mask: Any = None,
+        token_type_ids: Any = None,
+    ) -> torch.Tensor:
         """Run the prefix (image + prompt) bidirectionally into the cache; logits of the last position only."""
         return self.logits(self._hidden(input_ids, image_features, attention_mask, token_type_ids, cache)[:, -1])
 
@@ -134,11 +151,20 @@ class Model(nn.Module):
         tokens = as_tensor(tokens, self.device).reshape(-1, 1)
         return self.logits(self._hidden(tokens, None, None, None, cache)[:, -1])
 
-    def _hidden(self, input_ids: Any, features: Optional[torch.Tensor], attention_mask: Any,
-                token_type_ids: Any, cache: Optional[PrefixLMCache]) -> torch.Tensor:
+    def _hidden(
+        self,
+        input_ids: Any,
+        features: Optional[torch.Tensor],
+        attention_mask: Any,
+        token_type_ids: Any,
+        cache: Optional[PrefixLMCache],
+    ) -> torch.Tensor:
         input_ids = self._rows(input_ids, "input_ids")
-        attention_mask = (torch.ones_like(input_ids) if attention_mask is None
-                          else self._rows(attention_mask, "attention_mask", input_ids.shape))
+        attention_mask = (
+            torch.ones_like(input_ids)
+            if attention_mask is None
+            else self._rows(attention_mask, "attention_mask", input_ids.shape)
+        )
         if token_type_ids is not None:
             token_type_ids = self._rows(token_type_ids, "token_type_ids", input_ids.shape)
         elif cache is None or cache.offset == 0:
@@ -155,8 +181,10 @@ class Model(nn.Module):
         x = as_tensor(x, self.device)
         x = x[None] if x.ndim == 1 else x
         if shape is not None and x.shape != shape:
-            raise PaliGemmaError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)} like input_ids "
-                                 f"(with a cache: this call's tokens only)")
+            raise PaliGemmaError(
+                f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)} like input_ids "
+                f"(with a cache: this call's tokens only)"
+            )
         return x
 
     def make_cache(self) -> PrefixLMCache:

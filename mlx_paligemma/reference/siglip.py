@@ -28,8 +28,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape
-        q, k, v = (proj(x).view(B, L, self.num_heads, -1).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            proj(x).view(B, L, self.num_heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, -1))
 
@@ -71,13 +72,14 @@ class Encoder(nn.Module):
 class Embeddings(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size,
-                                         kernel_size=config.patch_size, stride=config.patch_size, bias=True)
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size, bias=True
+        )
         self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self.patch_embedding(pixel_values)                  # (B, D, H/p, W/p)
-        patches = patches.flatten(2).transpose(1, 2)                  # (B, N, D), row-major patches
+        patches = self.patch_embedding(pixel_values)  # (B, D, H/p, W/p)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, N, D), row-major patches
         return patches + self.position_embedding.weight
 
 
