@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.test_reference_logits import CHECKPOINTS, max_diff, noise_image, tiny_checkpoint
 
 from mlx_paligemma import reference
 from mlx_paligemma.errors import PaliGemmaError
+from tests.test_reference_logits import CHECKPOINTS, max_diff, noise_image, tiny_checkpoint
 
 FP32_TOL = 1e-4
 LONG_SUFFIX = "a small grey cat sitting on a red mat next to two dogs and a bird near the house"
