@@ -82,6 +82,7 @@ class TextConfig:
     head_dim: int = 256
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192  # longest sequence (image + prompt + answer) it was trained for
     # Gemma 2 only (None for Gemma 1):
     query_pre_attn_scalar: float | None = None
     attn_logit_softcapping: float | None = None
@@ -122,6 +123,7 @@ class TextConfig:
             head_dim=int(d.get("head_dim") or 256),
             rms_norm_eps=float(d.get("rms_norm_eps") or 1e-6),
             rope_theta=_rope_theta(d),
+            max_position_embeddings=int(d.get("max_position_embeddings") or 8192),
         )
         if req["num_attention_heads"] % cfg.num_key_value_heads:
             raise ConfigError(

@@ -1,8 +1,8 @@
 """Text generation: one bidirectional prefill of image + prompt, then cached causal decoding.
 
 Backend-neutral: a small runner per backend (MLX here, PyTorch in `reference`) does encode /
-prefill / step; the loop, sampling (mlx-lm's samplers and logits processors) and streaming
-detokenisation are shared. Nothing here is module-level state: two models can generate in
+prefill / step; the loop, sampling (`sampling`: mlx-lm's samplers, without importing mlx-lm)
+and streaming detokenisation are shared. Nothing here is module-level state: two models can generate in
 one process, and breaking out of `stream_generate` drops the cache with the generator.
 """
 
@@ -18,7 +18,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import PaliGemmaError
-from .processor import ImageInput, Processor, load_image
+from .processor import ImageInput, Processor, check_image_tokens
+from .sampling import make_repetition_penalty, make_sampler
 from .tasks import Detection, answer_prompt, caption_prompt, detect_prompt, parse_detections
 
 
@@ -74,8 +75,8 @@ class MLXRunner:
         return features
 
     def prefill(self, input_ids: np.ndarray, features: mx.array, attention_mask: np.ndarray) -> mx.array:
-        self.cache = self.model.make_cache(mx.array(attention_mask))
-        return self.model.prefill(mx.array(input_ids), features, self.cache)
+        self.cache = self.model.make_cache(attention_mask)
+        return self.model.prefill(input_ids, features, self.cache)
 
     def step(self, tokens: mx.array) -> mx.array:
         return self.model.decode_step(tokens, self.cache)
@@ -99,44 +100,84 @@ def _runner(model: Any):
 
 def encode_image(model: Any, processor: Processor, image: ImageInput) -> ImageEmbedding:
     """Run the vision tower once; the result can be passed as `image` to many prompts."""
-    pil = load_image(image)
+    pil = processor.load_image(image)
     features = _runner(model).encode_image(processor.preprocess_image(pil)[None])
     return ImageEmbedding(features, pil.size)
 
 
 class _Detokenizer:
-    """Incremental text of one row; holds back a partial UTF-8 character made of byte pieces."""
+    """Incremental text of one row, as `processor.decode(all ids)` would give it.
+
+    Each step decodes only the ids since the previous chunk's start (as vLLM does): the
+    previous chunk gives the new one its context (a leading space, a byte piece it completes),
+    so the cost per token stays constant instead of growing with the answer. Text that ends in
+    a partial UTF-8 character (a byte piece awaiting the next) is held back until complete.
+    """
 
     def __init__(self, processor: Processor):
-        self.processor, self.ids, self.emitted = processor, [], 0
+        self.decode = processor.decode
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # where the decoded window starts
+        self.read_offset = 0  # ids before this are emitted
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.processor.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.emitted = text[self.emitted :], len(text)
-        return new
+        return self._emit(final=False)
 
     def flush(self) -> str:
-        text = self.processor.decode(self.ids)
-        new, self.emitted = text[self.emitted :], len(text)
-        return new
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        emitted = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self.decode(self.ids[self.prefix_offset :])
+        if not final and (len(text) <= len(emitted) or text.endswith("\ufffd")):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(emitted) :]
+
+
+# Each generation option: the rule it must satisfy and the message when it does not. The library
+# reports the parameter's name (`max_tokens: ...`), the CLI the flag's (`--max-tokens: ...`).
+_OPTION_RULES = {
+    "max_tokens": (lambda v: v >= 1, "must be at least 1"),
+    "temperature": (lambda v: v >= 0, "must be >= 0"),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "top_k": (lambda v: v >= 0, "must be >= 0"),
+    "repetition_penalty": (lambda v: v is None or v > 0, "must be > 0"),
+}
+
+
+def option_errors(**options: Any) -> list[tuple[str, str]]:
+    """(parameter, message) for every generation option out of range."""
+    return [
+        (name, f"{message}, got {options[name]}")
+        for name, (ok, message) in _OPTION_RULES.items()
+        if name in options and not ok(options[name])
+    ]
 
 
 def _check_options(
     max_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: Optional[float]
 ) -> None:
-    if max_tokens < 1:
-        raise PaliGemmaError(f"max_tokens: must be at least 1, got {max_tokens}")
-    if temperature < 0:
-        raise PaliGemmaError(f"temperature: must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise PaliGemmaError(f"top_p: must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise PaliGemmaError(f"top_k: must be >= 0, got {top_k}")
-    if repetition_penalty is not None and repetition_penalty <= 0:
-        raise PaliGemmaError(f"repetition_penalty: must be > 0, got {repetition_penalty}")
+    errors = option_errors(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+    )
+    if errors:
+        raise PaliGemmaError(f"{errors[0][0]}: {errors[0][1]}")
+
+
+def check_prompt_length(model: Any, prompt_tokens: int) -> None:
+    """Refuse a prefix the model has no positions for; the reference would run, slowly, into garbage."""
+    limit = model.config.text_config.max_position_embeddings
+    if prompt_tokens > limit:
+        raise PaliGemmaError(
+            f"the prompt is {prompt_tokens} tokens (image tokens included), more than the model's limit "
+            f"of {limit} (max_position_embeddings): shorten it"
+        )
 
 
 def _stream_batch(
@@ -157,6 +198,11 @@ def _stream_batch(
     runner = _runner(model)
     stats = GenerationStats(batch_size=len(prompts))
 
+    batch = processor.encode_prompts(prompts)
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    stats.prompt_tokens = int(attention_mask.sum(axis=1).max())
+    check_prompt_length(model, stats.prompt_tokens)
+
     # Vision: one batched pass over the images not embedded already.
     tic = time.perf_counter()
     raw = [i for i, image in enumerate(images) if not isinstance(image, ImageEmbedding)]
@@ -167,18 +213,18 @@ def _stream_batch(
             features[i] = encoded[j : j + 1]
     stats.vision_time = time.perf_counter() - tic
 
-    batch = processor.encode_prompts(prompts)
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    stats.prompt_tokens = int(attention_mask.sum(axis=1).max())
-
-    # mlx-lm is imported here, not at the top: its package imports transformers (and torch),
-    # which would cost every `import mlx_paligemma` over a second.
-    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+    for i, f in enumerate(features):
+        if f.shape[1] != processor.num_image_tokens:
+            raise PaliGemmaError(
+                f"image {i}: an ImageEmbedding of {f.shape[1]} image tokens; this model takes "
+                f"{processor.num_image_tokens} (was it encoded by another model?)"
+            )
+    check_image_tokens(input_ids, len(features), processor.num_image_tokens, processor.image_token_id)
 
     if seed is not None:
         mx.random.seed(seed)
-    sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0, top_k=top_k)
-    processors = make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else []
+    sampler = make_sampler(temperature, top_p, top_k)
+    processors = [make_repetition_penalty(repetition_penalty)] if repetition_penalty else []
     B = len(prompts)
     history = [mx.zeros((0,), mx.int32) for _ in range(B)]
 
@@ -258,7 +304,7 @@ def generate(
     prompts = list(prompt) if batched else [prompt]
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     sizes = [im.image_size if isinstance(im, ImageEmbedding) else None for im in images]
-    pils = [im if isinstance(im, ImageEmbedding) else load_image(im) for im in images]
+    pils = [im if isinstance(im, ImageEmbedding) else processor.load_image(im) for im in images]
     sizes = [s or p.size for s, p in zip(sizes, pils)]
     ids: list[list[int]] = [[] for _ in prompts]
     reasons = ["length"] * len(prompts)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -22,6 +24,13 @@ from .config import PaliGemmaConfig
 from .errors import ProcessorError
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+# Largest image file decoded (width x height). A photo is 12-50 MP; a 100 MP RGB image already
+# takes 300 MB decoded. PIL's own guard (warn above 89 MP, fail above 179 MP) prints a library
+# warning at users, so it is replaced by this one limit; raise it with `max_image_pixels`
+# (`--max-image-pixels`), or pass None to lift it.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+_PIL_LIMIT_LOCK = threading.Lock()
 
 
 class Tokenizer:
@@ -101,8 +110,12 @@ class JsonTokenizer:
         return self.unk_id if found is None else found
 
 
-def load_image(image: ImageInput) -> Image.Image:
-    """A path, PIL image or HWC/HW uint8 numpy array as a PIL image."""
+def load_image(image: ImageInput, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """A path, PIL image or HWC/HW uint8 numpy array as a PIL image.
+
+    A file larger than `max_pixels` (width x height) is refused from its header, before it is
+    decoded: a tiny PNG can claim billions of pixels (a decompression bomb).
+    """
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, np.ndarray):
@@ -113,17 +126,53 @@ def load_image(image: ImageInput) -> Image.Image:
         return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
     if isinstance(image, (str, os.PathLike)):
         path = Path(image).expanduser()
+        if path.is_dir():
+            raise ProcessorError(f"{path}: is a directory, not an image file")
         try:
-            img = Image.open(path)
+            img = _open_unguarded(path)
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                img.close()
+                raise ProcessorError(
+                    f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the limit of "
+                    f"{max_pixels / 1e6:g} (max_image_pixels); raise the limit to read it"
+                )
             img.load()
             return img
         except FileNotFoundError:
             raise ProcessorError(f"{path}: image file not found") from None
         except IsADirectoryError:
-            raise ProcessorError(f"{path}: is a directory, not an image") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ProcessorError(f"{path}: is a directory, not an image file") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise ProcessorError(f"{path}: not a readable image ({e})") from None
     raise ProcessorError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or a numpy array")
+
+
+def _open_unguarded(path: Path) -> Image.Image:
+    """`Image.open` without PIL's decompression-bomb warning or error: `load_image` applies its own limit."""
+    with _PIL_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def check_image_tokens(input_ids: Any, num_images: int, num_image_tokens: int, image_token_id: int) -> None:
+    """Each row must hold exactly `num_image_tokens` image tokens, one image per row.
+
+    Checked in numpy before the model runs (both backends' `embed_inputs` trust it), so the
+    forward pass never reads a device array back to the host.
+    """
+    ids = np.asarray(input_ids)
+    ids = ids[None] if ids.ndim == 1 else ids
+    counts = (ids == image_token_id).sum(axis=1)
+    if num_images != ids.shape[0] or (counts != num_image_tokens).any():
+        raise ProcessorError(
+            f"each row needs exactly {num_image_tokens} image tokens (id {image_token_id}) for its image; "
+            f"got {counts.tolist()} tokens for {num_images} images"
+        )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -152,8 +201,10 @@ class Processor:
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
         rescale_factor: float = 1 / 255,
         to_array: Callable[[np.ndarray], Any] = lambda a: a,
+        max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         self.tokenizer = tokenizer
+        self.max_image_pixels = max_image_pixels  # image files larger than this are refused (None: no limit)
         self.image_token_id = config.image_token_id
         self.num_image_tokens = config.num_image_tokens
         self.image_size = image_size or config.vision_config.image_size
@@ -199,9 +250,13 @@ class Processor:
         return cls(tokenizer, config, to_array=to_array, **kwargs)
 
     # -- images -------------------------------------------------------------------------------
+    def load_image(self, image: ImageInput) -> Image.Image:
+        """`load_image` with this processor's `max_image_pixels`."""
+        return load_image(image, self.max_image_pixels)
+
     def preprocess_image(self, image: ImageInput) -> np.ndarray:
         """(3, S, S) float32 in the model's normalised range."""
-        rgb = to_rgb(load_image(image))
+        rgb = to_rgb(self.load_image(image))
         rgb = rgb.resize((self.image_size, self.image_size), resample=Image.Resampling.BICUBIC)
         x = (np.asarray(rgb, dtype=np.float64) * self.rescale_factor).astype(np.float32).transpose(2, 0, 1)
         return (x - self.image_mean) / self.image_std

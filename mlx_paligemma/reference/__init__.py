@@ -22,10 +22,14 @@ apply_at_import()
 
 import torch  # noqa: E402,F401  (deliberately after the environment is set)
 
-from .cache import LayerCache, PrefixLMCache  # noqa: E402
+from .cache import (  # noqa: E402
+    LayerCache,
+    PrefixLMCache,
+    prefix_lm_masks,  # noqa: E402
+)
 from .device import choose_device, choose_dtype, parse_dtype  # noqa: E402
 from .load import load, load_model  # noqa: E402
-from .paligemma import Model, prefix_lm_masks  # noqa: E402
+from .paligemma import Model  # noqa: E402
 
 __all__ = [
     "load",

@@ -1,4 +1,6 @@
-"""KV cache of the PyTorch backend: the prefix prefilled once, then one token per decode step.
+"""KV cache and prefix-LM masks of the PyTorch backend, line for line with `models/cache.py`.
+
+The prefix is prefilled once, then one token per decode step.
 
 Each layer keeps its keys and values in sequence order. Gemma 2 sliding layers keep only the
 last `sliding_window` positions once a call is done, which is all a later suffix token may
@@ -10,12 +12,46 @@ of its own, unlike a rotating buffer.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from ..config import TextConfig
 from ..errors import PaliGemmaError
+
+
+def prefix_lm_masks(
+    attention_mask: torch.Tensor,
+    token_type_ids: Optional[torch.Tensor],
+    sliding_window: Optional[int],
+    query_positions: Optional[torch.Tensor] = None,
+    key_positions: Optional[torch.Tensor] = None,
+) -> dict[str, Optional[torch.Tensor]]:
+    """Boolean (B, 1, Lq, Lk) masks, True where a query may attend a key.
+
+    Without positions, queries and keys are the L input tokens. With a cache, `key_positions`
+    says which absolute position each cached slot holds and `attention_mask` covers every
+    position so far; `token_type_ids` then describes the queries, which after prefill are
+    always suffix tokens (None). The diagonal, a token seeing itself, is always open, so
+    padded query rows never meet an all-masked softmax.
+    """
+    L, device = attention_mask.shape[1], attention_mask.device
+    q = torch.arange(L, device=device) if query_positions is None else query_positions
+    k = torch.arange(L, device=device) if key_positions is None else key_positions
+    q, k = q[:, None], k[None, :]
+    causal = k <= q
+    keep = attention_mask.bool()[:, k[0]][:, None, :]  # (B, 1, Lk)
+    if token_type_ids is not None:
+        prefix = token_type_ids == 0
+        both_prefix = prefix[:, :, None] & prefix[:, None, :]  # prefill: Lq == Lk
+    else:
+        both_prefix = torch.zeros((1, 1, 1), dtype=torch.bool, device=device)
+    diagonal = q == k
+    masks = {"full": (((causal | both_prefix) & keep) | diagonal)[:, None], "sliding": None}
+    if sliding_window is not None:
+        window = causal & (q - k < sliding_window)
+        masks["sliding"] = (((window | both_prefix) & keep) | diagonal)[:, None]
+    return masks
 
 
 class LayerCache:
@@ -51,12 +87,14 @@ class PrefixLMCache:
     forward); every later call appends suffix tokens, which attend causally.
     """
 
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig, attention_mask: Any = None):
         self.window = config.sliding_window
         self.layers = [
             LayerCache(self.window if config.is_sliding(i) else None) for i in range(config.num_hidden_layers)
         ]
         self.attention_mask: Optional[torch.Tensor] = None  # (B, positions so far)
+        # The prefill's padding mask, when known before the prefill (the generation loop's case).
+        self.prefill_mask = attention_mask  # converted by the model like any input
 
     @property
     def offset(self) -> int:
@@ -70,8 +108,6 @@ class PrefixLMCache:
         `attention_mask` covers this call's tokens only (earlier ones are remembered here);
         `token_type_ids` only matters for the prefill: later tokens are suffix tokens.
         """
-        from .paligemma import prefix_lm_masks  # here, not at the top: paligemma imports this module
-
         start, new = self.offset, attention_mask.shape[1]
         if start and token_type_ids is not None and bool((token_type_ids == 0).any()):
             raise PaliGemmaError(

@@ -1,6 +1,6 @@
 """The shared generation loop's runner for the PyTorch backend (`mlx_paligemma.generation`).
 
-The loop samples with mlx-lm's samplers, so logits leave here as float32 `mx.array`s (exact
+The loop samples with MLX (`mlx_paligemma.sampling`), so logits leave here as float32 `mx.array`s (exact
 for bf16/fp16 logits); everything before them stays torch on the model's device, and the
 image features stay torch tensors so an `ImageEmbedding` can be reused across prompts.
 """
@@ -35,8 +35,8 @@ class TorchRunner:
         return self.model.encode_image(pixel_values)
 
     def prefill(self, input_ids: np.ndarray, features: torch.Tensor, attention_mask: np.ndarray) -> mx.array:
-        self.cache = self.model.make_cache()
-        return to_mx(self.model.prefill(input_ids, features, self.cache, attention_mask))
+        self.cache = self.model.make_cache(attention_mask)
+        return to_mx(self.model.prefill(input_ids, features, self.cache))
 
     def step(self, tokens: mx.array) -> mx.array:
         return to_mx(self.model.decode_step(np.asarray(tokens), self.cache))

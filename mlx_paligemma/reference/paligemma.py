@@ -15,7 +15,8 @@ from torch import nn
 from ..checkpoint import drop_non_weights
 from ..config import PaliGemmaConfig
 from ..errors import PaliGemmaError
-from .cache import PrefixLMCache
+from ..processor import check_image_tokens
+from .cache import PrefixLMCache, prefix_lm_masks
 from .device import as_tensor
 from .gemma import LanguageModel
 from .siglip import VisionModel
@@ -28,40 +29,6 @@ class MultiModalProjector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
-
-
-def prefix_lm_masks(
-    attention_mask: torch.Tensor,
-    token_type_ids: Optional[torch.Tensor],
-    sliding_window: Optional[int],
-    query_positions: Optional[torch.Tensor] = None,
-    key_positions: Optional[torch.Tensor] = None,
-) -> dict[str, Optional[torch.Tensor]]:
-    """Boolean (B, 1, Lq, Lk) masks, True where a query may attend a key.
-
-    Without positions, queries and keys are the L input tokens. With a cache, `key_positions`
-    says which absolute position each cached slot holds and `attention_mask` covers every
-    position so far; `token_type_ids` then describes the queries, which after prefill are
-    always suffix tokens (None). The diagonal, a token seeing itself, is always open, so
-    padded query rows never meet an all-masked softmax.
-    """
-    L, device = attention_mask.shape[1], attention_mask.device
-    q = torch.arange(L, device=device) if query_positions is None else query_positions
-    k = torch.arange(L, device=device) if key_positions is None else key_positions
-    q, k = q[:, None], k[None, :]
-    causal = k <= q
-    keep = attention_mask.bool()[:, k[0]][:, None, :]  # (B, 1, Lk)
-    if token_type_ids is not None:
-        prefix = token_type_ids == 0
-        both_prefix = prefix[:, :, None] & prefix[:, None, :]  # prefill: Lq == Lk
-    else:
-        both_prefix = torch.zeros((1, 1, 1), dtype=torch.bool, device=device)
-    diagonal = q == k
-    masks = {"full": (((causal | both_prefix) & keep) | diagonal)[:, None], "sliding": None}
-    if sliding_window is not None:
-        window = causal & (q - k < sliding_window)
-        masks["sliding"] = (((window | both_prefix) & keep) | diagonal)[:, None]
-    return masks
 
 
 class Model(nn.Module):
@@ -93,7 +60,8 @@ class Model(nn.Module):
         """Text embeddings with row b's image features written, in order, at row b's image tokens.
 
         Works wherever the image tokens sit (left padding moves them), unlike merges that
-        assume they come first.
+        assume they come first. The count of image tokens per row is checked before the model
+        runs (`processor.check_image_tokens`), not here: reading it back would stall the device.
         """
         cfg = self.config
         is_image = input_ids == cfg.image_token_id
@@ -102,12 +70,6 @@ class Model(nn.Module):
         if image_features is None:
             return h
         N = image_features.shape[1]
-        counts = is_image.sum(dim=1).tolist()
-        if image_features.shape[0] != input_ids.shape[0] or any(c != N for c in counts):
-            raise PaliGemmaError(
-                f"each row needs exactly {N} image tokens (id {cfg.image_token_id}) for its image; "
-                f"got {counts} tokens for {image_features.shape[0]} images"
-            )
         slot = (torch.cumsum(is_image.long(), dim=1) - 1).clamp(0, N - 1)  # (B, L)
         placed = torch.gather(image_features, 1, slot[..., None].expand(-1, -1, image_features.shape[-1]))
         return torch.where(is_image[..., None], placed.to(h.dtype), h)
@@ -130,6 +92,8 @@ class Model(nn.Module):
         append suffix tokens; `attention_mask` then covers this call's tokens only, and the
         logits equal those of the full forward at the same positions.
         """
+        if pixel_values is not None and not isinstance(input_ids, torch.Tensor):
+            check_image_tokens(input_ids, len(pixel_values), self.config.num_image_tokens, self.config.image_token_id)
         features = self.encode_image(pixel_values) if pixel_values is not None else None
         return self.logits(self._hidden(input_ids, features, attention_mask, token_type_ids, cache))
 
@@ -160,6 +124,8 @@ class Model(nn.Module):
         cache: Optional[PrefixLMCache],
     ) -> torch.Tensor:
         input_ids = self._rows(input_ids, "input_ids")
+        if attention_mask is None and cache is not None and cache.offset == 0 and cache.prefill_mask is not None:
+            attention_mask = cache.prefill_mask
         attention_mask = (
             torch.ones_like(input_ids)
             if attention_mask is None
@@ -187,8 +153,9 @@ class Model(nn.Module):
             )
         return x
 
-    def make_cache(self) -> PrefixLMCache:
-        return PrefixLMCache(self.config.text_config)
+    def make_cache(self, attention_mask: Any = None) -> PrefixLMCache:
+        """An empty cache; `attention_mask` (B, prefix length) is the padding of the prefill to come."""
+        return PrefixLMCache(self.config.text_config, attention_mask)
 
     def sanitize(self, weights: dict[str, Any]) -> dict[str, Any]:
         """The one place for checkpoint quirks once keys are canonical: buffers, tied head, conv layout."""
