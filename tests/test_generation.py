@@ -159,7 +159,7 @@ def test_breaking_a_stream_releases_its_cache(mlx_pair, monkeypatch):
     caches = []
     make_cache = type(model).make_cache
     monkeypatch.setattr(
-        type(model), "make_cache", lambda self, mask: caches.append(weakref.ref(c := make_cache(self, mask))) or c
+        type(model), "make_cache", lambda self, mask=None: caches.append(weakref.ref(c := make_cache(self, mask))) or c
     )
     for i, _ in enumerate(mp.stream_generate(model, processor, noise_image(20, 20), "caption en", max_tokens=50)):
         if i == 2:
@@ -194,3 +194,30 @@ def test_bf16_activations_and_cache_stay_bf16(gen_ckpt):
     step = model.decode_step(mx.argmax(logits, axis=-1).astype(mx.int32), cache)
     assert logits.dtype == step.dtype == mx.bfloat16 and logits.shape[0] == 1 and logits.ndim == 2
     assert all(layer.keys.dtype == layer.values.dtype == mx.bfloat16 for layer in cache.layers)
+
+
+def test_a_prompt_longer_than_the_model_allows_is_refused_before_any_work(mlx_pair, monkeypatch):
+    """A 5000-word prompt once ran 315 s in silence past max_position_embeddings."""
+    model, processor = mlx_pair
+    limit = processor.num_image_tokens + 20
+    monkeypatch.setattr(model.config.text_config, "max_position_embeddings", limit)
+    monkeypatch.setattr(type(model), "encode_image", lambda *a: pytest.fail("the vision tower ran"))
+    with pytest.raises(mp.PaliGemmaError, match=rf"the prompt is \d+ tokens .* limit of {limit} \(max_position"):
+        mp.generate(model, processor, noise_image(20, 20), "answer en " + "why is the sky blue " * 10)
+
+
+def test_import_and_first_generation_stay_clear_of_transformers_and_torch(pg1_dir):
+    """mlx-lm's package imports transformers (~2.4 s): the MLX path needs none of it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, mlx_paligemma as mp\n"
+        f"m, p = mp.load({str(pg1_dir)!r})\n"
+        "mp.generate(m, p, np.zeros((20, 20, 3), np.uint8), 'caption en', max_tokens=3, temperature=0.5, "
+        "top_p=0.9, repetition_penalty=1.2)\n"
+        "print(sorted(name for name in ('transformers', 'torch', 'mlx_lm') if name in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
