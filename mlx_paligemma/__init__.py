@@ -5,7 +5,7 @@ model, processor = mp.load("google/paligemma-3b-mix-224")
 print(mp.generate(model, processor, "cat.jpg", "caption en").text)
 """
 
-from .errors import CheckpointError, ConfigError, PaliGemmaError, ProcessorError
+from .errors import CheckpointError, ConfigError, MissingDependencyError, PaliGemmaError, ProcessorError
 from .generation import (
     GenerationChunk,
     GenerationResult,
@@ -40,5 +40,6 @@ __all__ = [
     "ConfigError",
     "CheckpointError",
     "ProcessorError",
+    "MissingDependencyError",
 ]
 __version__ = "0.1.0"

@@ -114,20 +114,37 @@ class Checkpoint:
     def source(self, key: str) -> str:
         """Where a canonical key came from, for error messages."""
         info = self.tensors.get(key)
-        return f"{info.file.name} ('{info.name}')" if info else str(self.directory)
+        if info is None:
+            return str(self.directory)
+        return info.file.name if info.name == key else f"{info.file.name} (as '{info.name}')"
 
 
 def _read_safetensors_header(path: Path) -> dict:
-    """Only the JSON header (shapes and dtypes): nothing is read of the tensor data."""
+    """Only the JSON header (shapes and dtypes): nothing is read of the tensor data.
+
+    The header also says where the data ends, so a file cut short (an interrupted download or
+    copy) is caught here, by name, before any backend reads it and fails in its own words.
+    """
     try:
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             if size > 100_000_000:
                 raise ValueError("header too large")
             header = json.loads(f.read(size))
+        file_size = path.stat().st_size
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); download it again") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a readable safetensors file (malformed header); download it again")
     header.pop("__metadata__", None)
+    try:
+        data_end = 8 + size + max((int(meta["data_offsets"][1]) for meta in header.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (malformed header); download it again"
+        ) from None
+    if file_size < data_end:
+        raise CheckpointError(f"{path}: incomplete or corrupt ({file_size} of {data_end} bytes); download it again")
     return header
 
 

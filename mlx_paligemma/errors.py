@@ -15,3 +15,10 @@ class CheckpointError(PaliGemmaError):
 
 class ProcessorError(PaliGemmaError):
     """An image or prompt cannot be turned into model inputs."""
+
+
+class MissingDependencyError(PaliGemmaError, ImportError):
+    """An optional package is not installed (torch for the PyTorch backend); the message says what to install.
+
+    Also an ImportError, so code that probes for optional backends keeps working.
+    """

@@ -56,7 +56,8 @@ def atomic_write_text(target: PathLike, text: str) -> None:
 def atomic_dir(target: PathLike, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `target`; on success it becomes `target`.
 
-    With `replace`, an existing `target` is removed only after the new directory is complete.
+    With `replace`, an existing `target` is removed only after the new directory is complete
+    (and put back if the final rename fails).
     The directory gets the mode a new directory gets under the user's umask.
     """
     target = Path(target).resolve()
@@ -70,7 +71,11 @@ def atomic_dir(target: PathLike, replace: bool = False) -> Iterator[Path]:
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
             os.rmdir(old)
             os.replace(target, old)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)  # the old directory comes back if the new one cannot go in
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)

@@ -1,36 +1,36 @@
-"""`python -m mlx_paligemma.generate`: ask PaliGemma about images from the command line.
+"""`mlx-paligemma generate` (or `python -m mlx_paligemma.generate`): ask PaliGemma about images.
 
-    python -m mlx_paligemma.generate --model google/paligemma-3b-mix-224 --image cat.jpg --prompt "caption en"
+    mlx-paligemma generate --model google/paligemma-3b-mix-224 --image cat.jpg --prompt "caption en"
 
-The answer streams to stdout; `--verbose` adds statistics on stderr. Several --image/--prompt
-pairs run as one batch. User errors print one line on stderr and exit with status 2.
+The command-line front end of `generation` (the library's generation loop). The answer streams
+to stdout; `--verbose` adds statistics on stderr. Several --image/--prompt pairs run as one
+batch. User errors print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from .errors import PaliGemmaError
+from .cli import ArgumentParser, main_entry, run_main
+from .dtypes import NAMES
+from .fsutil import atomic_path
+from .processor import DEFAULT_MAX_IMAGE_PIXELS
 
-EXIT_USAGE = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+PROG = "mlx-paligemma generate"
+# Above this many prompt tokens the CLI says on stderr that the prefill will take a while: the
+# prefix attends bidirectionally, so it runs as one pass that cannot report progress part-way.
+LONG_PREFILL_TOKENS = 2048
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m mlx_paligemma.generate",
+    p = ArgumentParser(
+        prog=PROG,
         description="Caption, answer questions about, detect or segment objects in images with PaliGemma.",
     )
     p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face repo id")
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     p.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=NAMES,
         default=None,
         help="compute dtype (default: the checkpoint's)",
     )
@@ -66,11 +66,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the image with detected boxes and labels (one image only)",
     )
     p.add_argument("--force", action="store_true", help="allow --draw to overwrite an existing file")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"refuse image files larger than this many pixels (default {DEFAULT_MAX_IMAGE_PIXELS:,})",
+    )
     p.add_argument("--verbose", action="store_true", help="print timing and memory statistics to stderr")
     return p
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from .generation import option_errors
+
+    for name, message in option_errors(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+    ):
+        p.error(f"--{name.replace('_', '-')}: {message}")
+    if args.max_image_pixels < 1:
+        p.error(f"--max-image-pixels: must be at least 1, got {args.max_image_pixels}")
     if len(args.image) != len(args.prompt):
         p.error(f"got {len(args.image)} --image and {len(args.prompt)} --prompt: give one prompt per image")
     if args.device is not None and args.backend != "torch":
@@ -83,21 +101,10 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if not Path(args.draw).resolve().parent.is_dir():
             p.error(f"--draw: directory of {args.draw} does not exist")
     for image in args.image:
+        if Path(image).is_dir():
+            p.error(f"--image: {image}: is a directory, not an image file")
         if not Path(image).is_file():
             p.error(f"--image: {image}: no such file")
-
-
-def _save_atomically(image, out: str) -> None:
-    """Write next to the target, then rename: an interrupted run never leaves a partial file."""
-    out_path = Path(out).resolve()
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _stats_line(stats) -> str:
@@ -112,19 +119,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    try:
-        return _run(args)
-    except PaliGemmaError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+    return run_main(parser.prog, lambda: _run(args))
+
+
+def _printed(chunks: Iterator) -> Iterator:
+    """Pass a stream's chunks on, printing each one's text as it arrives."""
+    for chunk in chunks:
+        print(chunk.text, end="", flush=True)
+        yield chunk
+    print()
 
 
 def _run(args: argparse.Namespace) -> int:
     from . import generation
-    from .processor import load_image
     from .tasks import draw_detections, parse_detections
 
     if args.backend == "torch":
@@ -135,7 +142,12 @@ def _run(args: argparse.Namespace) -> int:
         from .load import load
 
         model, processor = load(args.model, dtype=args.dtype)
-    images = [load_image(path) for path in args.image]
+    processor.max_image_pixels = args.max_image_pixels
+    images = [processor.load_image(path) for path in args.image]
+    prompt_tokens = int(processor.encode_prompts(list(args.prompt))["attention_mask"].sum(axis=1).max())
+    generation.check_prompt_length(model, prompt_tokens)
+    if prompt_tokens > LONG_PREFILL_TOKENS:
+        print(f"{PROG}: reading a long prompt ({prompt_tokens} tokens) before the first new token...", file=sys.stderr)
     options = dict(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -147,16 +159,8 @@ def _run(args: argparse.Namespace) -> int:
     single = len(images) == 1
     stream = single and not (args.no_stream or args.json)
     if stream:
-        ids, stats, reason = [], None, "length"
-        for chunk in generation.stream_generate(model, processor, images[0], args.prompt[0], **options):
-            print(chunk.text, end="", flush=True)
-            stats = chunk.stats
-            if chunk.finish_reason == "stop":
-                reason = "stop"
-            else:
-                ids.append(chunk.token_id)
-        print()
-        results = [generation.GenerationResult(processor.decode(ids), ids, reason, images[0].size, stats)]
+        chunks = generation.stream_generate(model, processor, images[0], args.prompt[0], **options)
+        results = generation.collect_results(processor, _printed(chunks), [images[0].size])
     else:
         results = generation.generate(model, processor, images, list(args.prompt), **options)
     stats = results[0].stats
@@ -179,11 +183,12 @@ def _run(args: argparse.Namespace) -> int:
         for i, r in enumerate(results):
             print(r.text if single else f"[{i}] {r.text}")
     if args.draw is not None:
-        _save_atomically(draw_detections(images[0], boxes[0]), args.draw)
+        with atomic_path(args.draw) as tmp:
+            draw_detections(images[0], boxes[0]).save(tmp, format="PNG")
     if args.verbose:
         print(_stats_line(stats), file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_entry(main)

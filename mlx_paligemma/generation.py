@@ -9,7 +9,7 @@ one process, and breaking out of `stream_generate` drops the cache with the gene
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -306,10 +306,7 @@ def generate(
     sizes = [im.image_size if isinstance(im, ImageEmbedding) else None for im in images]
     pils = [im if isinstance(im, ImageEmbedding) else processor.load_image(im) for im in images]
     sizes = [s or p.size for s, p in zip(sizes, pils)]
-    ids: list[list[int]] = [[] for _ in prompts]
-    reasons = ["length"] * len(prompts)
-    stats = GenerationStats()
-    for chunk in _stream_batch(
+    chunks = _stream_batch(
         model,
         processor,
         pils,
@@ -320,14 +317,26 @@ def generate(
         top_k=top_k,
         repetition_penalty=repetition_penalty,
         seed=seed,
-    ):
+    )
+    results = collect_results(processor, chunks, sizes)
+    return results if batched else results[0]
+
+
+def collect_results(
+    processor: Processor, chunks: Iterable[GenerationChunk], image_sizes: Sequence[tuple[int, int]]
+) -> list[GenerationResult]:
+    """Gather a stream's chunks into one result per row (what `generate` returns); a caller that
+    prints chunks as they come (the CLI) passes them through here to get the same results."""
+    ids: list[list[int]] = [[] for _ in image_sizes]
+    reasons = ["length"] * len(image_sizes)
+    stats = GenerationStats()
+    for chunk in chunks:
         stats = chunk.stats
         if chunk.finish_reason == "stop":
             reasons[chunk.row] = "stop"
         else:
             ids[chunk.row].append(chunk.token_id)
-    results = [GenerationResult(processor.decode(t), t, r, s, stats) for t, r, s in zip(ids, reasons, sizes)]
-    return results if batched else results[0]
+    return [GenerationResult(processor.decode(t), t, r, s, stats) for t, r, s in zip(ids, reasons, image_sizes)]
 
 
 def caption(

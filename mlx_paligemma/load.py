@@ -16,11 +16,12 @@ from mlx.utils import tree_flatten
 
 from .checkpoint import canonical_key, check_tensors, open_checkpoint, resolve_model_dir
 from .config import load_config
+from .dtypes import mlx_dtypes
 from .errors import PaliGemmaError
 from .models import Model
 from .processor import Processor
 
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+DTYPES = mlx_dtypes()
 
 
 def parse_dtype(dtype: Optional[str]) -> Optional[mx.Dtype]:

@@ -130,14 +130,17 @@ def load_image(image: ImageInput, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_
             raise ProcessorError(f"{path}: is a directory, not an image file")
         try:
             img = _open_unguarded(path)
-            width, height = img.size
-            if max_pixels is not None and width * height > max_pixels:
+            try:
+                width, height = img.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ProcessorError(
+                        f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the limit of "
+                        f"{max_pixels / 1e6:g} megapixels (max_image_pixels); raise the limit to read it"
+                    )
+                img.load()
+            except BaseException:
                 img.close()
-                raise ProcessorError(
-                    f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the limit of "
-                    f"{max_pixels / 1e6:g} (max_image_pixels); raise the limit to read it"
-                )
-            img.load()
+                raise
             return img
         except FileNotFoundError:
             raise ProcessorError(f"{path}: image file not found") from None

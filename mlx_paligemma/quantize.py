@@ -1,6 +1,6 @@
-"""`python -m mlx_paligemma.quantize`: write a 4/8-bit (or plain converted) MLX checkpoint.
+"""`mlx-paligemma quantize` (`python -m mlx_paligemma.quantize`): write a 4/8-bit or float MLX checkpoint.
 
-    python -m mlx_paligemma.quantize --model google/paligemma-3b-mix-224 --out paligemma-3b-mix-224-4bit --bits 4
+    mlx-paligemma quantize --model google/paligemma-3b-mix-224 --out paligemma-3b-mix-224-4bit --bits 4
 
 The decoder's linear layers and the tied embedding / LM head are quantized with MLX's affine
 group quantization; the vision tower and projector stay float unless `--quantize-vision`
@@ -12,13 +12,11 @@ renamed into place only when complete.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,8 +27,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .checkpoint import resolve_model_dir
+from .cli import ArgumentParser, main_entry, run_main
 from .config import load_config
+from .dtypes import NAMES
+from .dtypes import dtype_name as dtype_name_of
 from .errors import PaliGemmaError
+from .fsutil import atomic_dir
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -53,12 +55,6 @@ def quantizable(path: str, module: nn.Module, group_size: int, quantize_vision: 
     if not (path.startswith("language_model.") or path == "lm_head" or quantize_vision):
         return False
     return module.weight.shape[-1] % group_size == 0
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _check_destination(src: Path, out: Path, force: bool) -> None:
@@ -130,23 +126,6 @@ def _batches(arrays: dict[str, mx.array]) -> list[list[str]]:
     return [b for b in batches if b]
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished checkpoint to `out`; an existing `out` (--force) goes only after, and
-    comes back if the final rename fails."""
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    out.rename(old / out.name)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        (old / out.name).rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _model_card(src: str, bits: Optional[int], group_size: int, dtype: str, quantize_vision: bool) -> str:
     if bits is None:
         what = f"a {dtype} conversion"
@@ -154,7 +133,7 @@ def _model_card(src: str, bits: Optional[int], group_size: int, dtype: str, quan
         vision = "vision tower and projector included" if quantize_vision else f"vision tower and projector in {dtype}"
         what = f"{bits}-bit (group size {group_size}) quantization of the decoder and its tied embedding; {vision}"
     return (
-        f"# PaliGemma for MLX\n\nConverted from `{src}` with `python -m mlx_paligemma.quantize` on "
+        f"# PaliGemma for MLX\n\nConverted from `{src}` with `mlx-paligemma quantize` on "
         f"{datetime.date.today().isoformat()}: {what}.\n\n"
         "```python\nimport mlx_paligemma as mp\n\n"
         'model, processor = mp.load("path/to/this/folder")\n'
@@ -193,11 +172,7 @@ def quantize(
 
     progress(f"reading {src}")
     model = load_model(src_dir, dtype, lazy=True)  # tensors are read (and freed) batch by batch when written
-    dtype_name = next(
-        name
-        for name, value in (("float32", mx.float32), ("bfloat16", mx.bfloat16), ("float16", mx.float16))
-        if value == model.dtype
-    )
+    dtype_name = dtype_name_of(model.dtype)
     if bits is not None:
         skipped = sorted(
             path
@@ -220,9 +195,9 @@ def quantize(
         )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the checkpoint should not be
-    try:
+    # Written beside `out` and renamed into place when complete; an existing `out` (--force, or
+    # an empty directory) is removed only then, so a failed run leaves it as it was.
+    with atomic_dir(out, replace=True) as tmp:
         _write_weights(tmp, dict(tree_flatten(model.parameters())), progress)
         config = {k: v for k, v in raw_config.items() if k not in ("quantization", "quantization_config")}
         config["torch_dtype"] = dtype_name
@@ -233,22 +208,13 @@ def quantize(
             if f.is_file() and f.name not in _NOT_COPIED and not f.name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copy2(f, tmp / f.name)
         (tmp / "README.md").write_text(_model_card(str(src), bits, group_size, dtype_name, quantize_vision))
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     progress(f"wrote {out}")
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = _Parser(
-        prog="python -m mlx_paligemma.quantize",
+    p = ArgumentParser(
+        prog="mlx-paligemma quantize",
         description="Convert a PaliGemma checkpoint to MLX, optionally quantized to 4 or 8 bits.",
     )
     p.add_argument("--model", required=True, help="source checkpoint directory or Hugging Face repo id")
@@ -257,34 +223,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64, help="quantization group (64)")
     p.add_argument(
         "--dtype",
-        choices=["bfloat16", "float16", "float32"],
+        choices=NAMES,
         default=None,
         help="float dtype of what is not quantized (default: the checkpoint's)",
     )
     p.add_argument("--quantize-vision", action="store_true", help="quantize the vision tower and projector too")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = p.parse_args(argv)
-    try:
-        quantize(
-            args.model,
-            args.out,
-            bits=args.bits,
-            group_size=args.group_size,
-            dtype=args.dtype,
-            quantize_vision=args.quantize_vision,
-            force=args.force,
-        )
-    except PaliGemmaError as e:
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # disk full, permission denied: the partial output is already removed
-        print(f"{p.prog}: error: {e}; nothing was written to {args.out}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{p.prog}: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    return 0
+
+    def body() -> int:
+        try:
+            quantize(
+                args.model,
+                args.out,
+                bits=args.bits,
+                group_size=args.group_size,
+                dtype=args.dtype,
+                quantize_vision=args.quantize_vision,
+                force=args.force,
+            )
+        except OSError as e:  # disk full, permission denied: the partial output is already removed
+            print(f"{p.prog}: error: {e}; nothing was written to {args.out}", file=sys.stderr)
+            return 1
+        return 0
+
+    return run_main(p.prog, body)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_entry(main)

@@ -117,7 +117,7 @@ def test_misshaped_tensor_names_key_file_and_shapes(pg1_dir, tmp_path):
     with pytest.raises(
         mp.CheckpointError,
         match=r"tensor 'multi_modal_projector.linear.weight' in "
-        r"model.safetensors .* has shape \(7, 5\), expected \(64, 32\)",
+        r"model.safetensors.* has shape \(7, 5\), expected \(64, 32\)",
     ):
         mp.load(d)
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image
 
 import mlx_paligemma as mp
 from mlx_paligemma.config import load_config
-from mlx_paligemma.processor import Processor
-from tests.helpers import noise_image
+from mlx_paligemma.processor import Processor, load_image
+from tests.helpers import noise_image, png_claiming_size
 
 # Measured: max |ours - transformers| = 0 to ~2.4e-7 (float32 rounding of the same PIL resize).
 PIXEL_TOL = 1e-5
@@ -80,6 +82,34 @@ def test_bad_images_are_clear_errors(processor, tmp_path):
         processor.preprocess_image(tmp_path / "missing.png")
     with pytest.raises(mp.ProcessorError, match="dtype float64"):
         processor.preprocess_image(np.zeros((4, 4, 3)))
+
+
+def test_a_directory_is_not_an_image(processor, tmp_path):
+    with pytest.raises(mp.ProcessorError, match=f"{tmp_path.name}: is a directory, not an image file"):
+        processor.preprocess_image(tmp_path)
+
+
+def test_images_over_the_pixel_limit_are_refused_from_the_header(processor, tmp_path):
+    """A 20000x20000 image once escaped as PIL's DecompressionBombError with a traceback."""
+    bomb = png_claiming_size(tmp_path / "bomb.png", 20000, 20000)
+    with pytest.raises(mp.ProcessorError, match=r"bomb.png: 20000x20000 is 400 megapixels, over the limit of 100 "):
+        processor.preprocess_image(bomb)
+    with pytest.raises(mp.ProcessorError, match="over the limit of 0.01 megapixels"):
+        load_image(png_claiming_size(tmp_path / "small.png", 200, 100), max_pixels=10_000)
+
+
+def test_the_pixel_limit_can_be_raised_and_pil_never_warns(processor, tmp_path, monkeypatch):
+    """PIL warns above 89 MP and fails above 179 MP; our limit replaces its guard, silently."""
+    bomb = png_claiming_size(tmp_path / "bomb.png", 20000, 20000)
+    monkeypatch.setattr(processor, "max_image_pixels", 500_000_000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(mp.ProcessorError, match="bomb.png: not a readable image"):  # past the limit: decoded
+            processor.preprocess_image(bomb)
+        with pytest.raises(mp.ProcessorError, match="not a readable image"):
+            processor.preprocess_image(png_claiming_size(tmp_path / "big.png", 10000, 10000))
+    assert [str(w.message) for w in caught] == []
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485, "PIL's own guard is restored for everyone else"
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -197,14 +198,14 @@ def test_failed_final_rename_puts_the_old_checkpoint_back(pg1_dir, tmp_path, mon
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    rename = Path.rename
+    replace = os.replace
 
-    def failing_rename(self, target):
-        if self.name.endswith(".partial"):
+    def failing_rename(source, target):
+        if str(source).endswith(".tmp"):
             raise OSError("rename failed")
-        return rename(self, target)
+        return replace(source, target)
 
-    monkeypatch.setattr(Path, "rename", failing_rename)
+    monkeypatch.setattr(os, "replace", failing_rename)
     with pytest.raises(OSError, match="rename failed"):
         quantize(pg1_dir, out, bits=8, group_size=GROUP, force=True, progress=quiet)
     assert (out / "keep.txt").read_text() == "mine"

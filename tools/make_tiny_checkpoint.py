@@ -23,15 +23,23 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
-from torch import nn
+try:
+    import torch
+    from torch import nn
+except ImportError:  # the package's plain install has no torch
+    if __name__ == "__main__":
+        print("make_tiny_checkpoint: error: torch is not installed: pip install torch", file=sys.stderr)
+        sys.exit(2)
+    raise
+
+from mlx_paligemma.dtypes import NAMES, torch_dtypes
 
 IMAGE_TOKEN = "<image>"
 LOC_SEG_TOKENS = [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 NORMAL_PIECES = 400  # learned pieces besides specials, "\n" and the 256 byte-fallback pieces
 VOCAB_MULTIPLE = 64  # the real model pads 257153 ids to 257216
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: torch_dtypes()[name] for name in NAMES}
 LAYOUTS = ("hub", "transformers")
 
 VISION = dict(

@@ -20,7 +20,14 @@ from .env import apply_at_import
 
 apply_at_import()
 
-import torch  # noqa: E402,F401  (deliberately after the environment is set)
+try:
+    import torch  # noqa: E402,F401  (deliberately after the environment is set)
+except ImportError as e:  # the README's plain install has no torch
+    from ..errors import MissingDependencyError
+
+    raise MissingDependencyError(
+        "the PyTorch reference backend needs torch, which is not installed: pip install torch"
+    ) from e
 
 from .cache import (  # noqa: E402
     LayerCache,

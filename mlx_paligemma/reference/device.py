@@ -14,15 +14,16 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from ..dtypes import SAFETENSORS_CODES, torch_dtypes
 from ..errors import PaliGemmaError
 from . import env
 
 logger = logging.getLogger(__name__)
 
 DeviceLike = Union[str, torch.device, None]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = torch_dtypes()
 #: safetensors dtype codes of floating tensors.
-SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+SAFETENSORS_DTYPES = {code: DTYPES[name] for code, name in SAFETENSORS_CODES.items()}
 
 
 # -- what this machine has (monkeypatched in tests) ------------------------------------------
@@ -82,8 +83,8 @@ def choose_device(
     if device.type == "mps":
         if not mps:
             raise PaliGemmaError(
-                f"device 'mps' requested but {_why_no_mps()}; use device='cpu' "
-                f"(or leave device unset to choose automatically)"
+                f"device 'mps' requested but {_why_no_mps()}; choose the cpu device "
+                f"(or leave the device unset to choose automatically)"
             )
         return torch.device("mps")
     if device.type == "cuda":
@@ -91,7 +92,8 @@ def choose_device(
         if index >= cuda_count:
             have = f"{cuda_count} CUDA device(s)" if cuda_count else "no CUDA device (or a CPU-only torch)"
             raise PaliGemmaError(
-                f"device {str(requested)!r} requested but this machine has {have}; use device='cpu' or leave it unset"
+                f"device {str(requested)!r} requested but this machine has {have}; choose the cpu device "
+                f"or leave the device unset"
             )
         return torch.device("cuda", index)
     raise PaliGemmaError(

@@ -81,6 +81,12 @@ def load_model(
     warn_if_env_too_late(target)
     requested = parse_dtype(dtype)
     config = load_config(model_dir)
+    if config.quantization:
+        q = config.quantization if isinstance(config.quantization, dict) else {}
+        raise CheckpointError(
+            f"{model_dir}: a {q.get('bits', '?')}-bit quantized MLX checkpoint; the PyTorch reference reads "
+            f"float checkpoints only: load it with the MLX backend, or give the float checkpoint it came from"
+        )
     ckpt = open_checkpoint(model_dir)
     with torch.device("meta"):
         model = Model(config)
@@ -94,7 +100,7 @@ def load_model(
         if code not in SAFETENSORS_DTYPES:
             raise CheckpointError(
                 f"{ckpt.source('language_model.embed_tokens.weight')}: dtype {code} is not "
-                f"a float type; pass dtype= explicitly"
+                f"a float type; choose a compute dtype explicitly (float32, bfloat16 or float16)"
             )
         requested = SAFETENSORS_DTYPES[code]
     compute_dtype = choose_dtype(requested, target)
