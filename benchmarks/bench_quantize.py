@@ -119,7 +119,14 @@ def main() -> int:
             print(f"error: {work} has {free_gb:.0f} GB free; the benchmark needs ~{NEEDED_GB} GB", file=sys.stderr)
             return 2
         sys.path.insert(0, str(ROOT / "tools"))
-        from make_tiny_checkpoint import make_paligemma_3b_checkpoint
+        try:
+            from make_tiny_checkpoint import make_paligemma_3b_checkpoint
+        except ImportError:
+            print(
+                "error: the benchmark builds its checkpoint with torch, which is not installed: pip install torch",
+                file=sys.stderr,
+            )
+            return 2
 
         tic = time.perf_counter()
         make_paligemma_3b_checkpoint(source, replace=True)

@@ -269,7 +269,9 @@ def _write_processor(out_dir: Path, image_size: int, num_image_tokens: int) -> i
     `PaliGemmaProcessor` adds `<image>` after the sentencepiece vocabulary (id = number of pieces) and maps
     the `<loc>`/`<seg>` tokens to their existing ids.
     """
-    from transformers import GemmaTokenizer, PaliGemmaProcessor, SiglipImageProcessor
+    # The PIL image processor by name: `SiglipImageProcessor` without torchvision falls back to it with a warning.
+    from transformers import GemmaTokenizer, PaliGemmaProcessor
+    from transformers import SiglipImageProcessorPil as SiglipImageProcessor
 
     (out_dir / "tokenizer.model").write_bytes(build_sentencepiece_model())
     # from_pretrained converts tokenizer.model to a tokenizers BPE backend (GemmaConverter).

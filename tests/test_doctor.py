@@ -1,4 +1,4 @@
-"""tools/check_backend.py, the backend doctor, run as a user runs it."""
+"""`mlx-paligemma doctor`, the backend doctor, run as a user runs it (with and without torch)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,16 @@ from pathlib import Path
 
 import torch
 
-DOCTOR = Path(__file__).resolve().parents[1] / "tools" / "check_backend.py"
+from mlx_paligemma import doctor
+from tests.helpers import run_without_torch
+
+SHIM = Path(__file__).resolve().parents[1] / "tools" / "check_backend.py"
 
 
 def run_doctor(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(DOCTOR), *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_paligemma", "doctor", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def expected_backends() -> list[str]:
@@ -47,18 +52,7 @@ def test_doctor_json_lists_the_environment_and_every_check():
     assert all(c["status"] in ("PASS", "SKIP") for c in report["checks"])
 
 
-def load_doctor():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("check_backend", DOCTOR)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_doctor_exits_1_when_a_check_fails(monkeypatch, capsys):
-    doctor = load_doctor()
     monkeypatch.setattr(doctor, "TOL_FP32", {"cpu": 0.0, "gpu": 0.0})  # no float32 matmul is that exact
     assert doctor.main([]) == 1
     out = capsys.readouterr().out
@@ -69,8 +63,25 @@ def test_bf16_cast_is_skipped_where_the_reference_falls_back_to_float16(monkeypa
     """A Mac before macOS 14 has no bf16 on MPS: reported as SKIP, which does not fail the doctor."""
     from mlx_paligemma.reference import device
 
-    doctor = load_doctor()
     monkeypatch.setattr(device, "supports_bf16", lambda _device: False)
     results = {r.check: r for r in doctor.op_checks(doctor.TorchBackend("cpu"))}
     assert results["cast bfloat16"].status == "SKIP"
     assert results["cast float16"].status == "PASS"
+
+
+def test_without_torch_the_doctor_runs_the_mlx_checks_and_says_torch_is_missing():
+    out = run_without_torch(["-m", "mlx_paligemma", "doctor", "--json"])
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["environment"]["torch"].startswith("not installed")
+    mlx = [c for c in report["checks"] if c["backend"].startswith("mlx")]
+    assert {c["check"] for c in mlx} >= {"matmul", "sdpa", "rms_norm"} and all(c["status"] != "FAIL" for c in mlx)
+    forward = [c for c in mlx if "forward" in c["check"]]
+    assert forward and all(c["status"] == "SKIP" and "pip install torch" in c["detail"] for c in forward)
+    assert not any(c["backend"].startswith("torch") for c in report["checks"])
+    assert out.stderr == ""
+
+
+def test_the_old_doctor_path_still_works():
+    out = subprocess.run([sys.executable, str(SHIM), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "mlx-paligemma doctor" in out.stdout
