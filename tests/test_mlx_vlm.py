@@ -34,6 +34,9 @@ from safetensors.numpy import load_file, save_file
 import mlx_paligemma as mp
 from tests.helpers import noise_image
 
+# mlx-vlm is its own extra (heavy): `pip install -e ".[test,mlx-vlm-compat]"`, as .ci/run does.
+pytest.importorskip("mlx_vlm", reason='the mlx-vlm comparison needs pip install -e ".[mlx-vlm-compat]"')
+
 TOL = 1e-4
 TOL_SAME_EPS = 1e-5
 PROMPTS = [
