@@ -2,7 +2,7 @@
 
 A copy rather than an import: `mlx_lm.sample_utils` imports the `mlx_lm` package, which imports
 transformers (and torch), ~2.4 s before the first token for three small functions. The test
-suite holds these equal to mlx-lm's on the same random seeds (tests/test_sampling.py).
+suite holds these equal to mlx-lm's on the same random seeds (tests/test_streaming.py).
 """
 
 from __future__ import annotations
