@@ -199,6 +199,12 @@ def drop_non_weights(weights: dict, tie_word_embeddings: bool) -> dict:
     return weights
 
 
+def patch_conv_layout(shape: tuple[int, ...], num_channels: int) -> str:
+    """Layout of the stored patch-embedding conv: "OIHW" (PyTorch, the hub) or "OHWI" (MLX, mlx-vlm's
+    conversions), recognised by where the input channels sit. Each backend transposes to its own."""
+    return "OHWI" if len(shape) == 4 and shape[-1] == num_channels and shape[1] != num_channels else "OIHW"
+
+
 def check_tensors(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> None:
     """Strict load: every missing, unexpected or mis-shaped tensor is an error naming key and file.
 

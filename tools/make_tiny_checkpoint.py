@@ -33,6 +33,7 @@ except ImportError:  # the package's plain install has no torch
     raise
 
 from mlx_paligemma.dtypes import NAMES, torch_dtypes
+from mlx_paligemma.fsutil import atomic_dir
 
 IMAGE_TOKEN = "<image>"
 LOC_SEG_TOKENS = [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
@@ -566,16 +567,8 @@ def _build_atomically(out_dir: Path, replace: bool, options: dict) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()) and not replace:
         raise FileExistsError(f"{out_dir} exists and is not empty")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:12]}.tmp"
-    tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask: the result is an ordinary directory
-    try:
+    with atomic_dir(out_dir, replace=True) as tmp:  # an existing (empty, or replace=True) one goes when done
         _write_checkpoint(tmp, **options)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

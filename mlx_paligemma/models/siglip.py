@@ -8,6 +8,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..checkpoint import patch_conv_layout
 from ..config import VisionConfig
 
 
@@ -101,6 +102,6 @@ class VisionModel(nn.Module):
         """
         key = f"{prefix}embeddings.patch_embedding.weight"
         w = weights.get(key)
-        if w is not None and w.ndim == 4 and w.shape[-1] != self.config.num_channels:
+        if w is not None and w.ndim == 4 and patch_conv_layout(w.shape, self.config.num_channels) == "OIHW":
             weights[key] = w.transpose(0, 2, 3, 1)
         return weights

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import patch_conv_layout
 from ..config import VisionConfig
 
 
@@ -105,7 +106,6 @@ class VisionModel(nn.Module):
         """
         key = f"{prefix}embeddings.patch_embedding.weight"
         w = weights.get(key)
-        channels = self.config.num_channels
-        if w is not None and len(w.shape) == 4 and w.shape[1] != channels and w.shape[-1] == channels:
+        if w is not None and len(w.shape) == 4 and patch_conv_layout(w.shape, self.config.num_channels) == "OHWI":
             weights[key] = w.permute(0, 3, 1, 2)
         return weights
