@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 # subcommand -> module; a later command is one more line here.
 COMMANDS = {
-    "generate": "mlx_paligemma.generate",
+    "generate": "mlx_paligemma.commands.generate",
     "quantize": "mlx_paligemma.quantize",
     "doctor": "mlx_paligemma.doctor",
 }

@@ -147,7 +147,7 @@ def test_user_errors_exit_2_with_one_line(pg1_dir, image_path, tmp_path):
         "argument --backend: invalid choice",
     )
     _assert_user_error(
-        run_cli("--model", str(pg1_dir), "--image", str(image_path), *base, "--top-p", "0"), "top_p: must be in"
+        run_cli("--model", str(pg1_dir), "--image", str(image_path), *base, "--top-p", "0"), "--top-p: must be in"
     )
     _assert_user_error(
         run_cli("--model", str(pg1_dir), "--image", str(image_path), *base, "--max-tokens", "x"),

@@ -47,3 +47,13 @@ def test_python_dash_m_forms_run_the_same_commands():
     for args in (["-m", "mlx_paligemma", "quantize", "--help"], ["-m", "mlx_paligemma.quantize", "--help"]):
         out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "--bits" in out.stdout, out.stderr
+
+
+def test_running_generate_in_process_keeps_the_library_function():
+    """`mlx_paligemma.generate` is a function; a CLI module of that name, once imported, would replace it."""
+    import mlx_paligemma
+    from mlx_paligemma.generation import generate
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert mlx_paligemma.generate is generate

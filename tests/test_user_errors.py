@@ -18,8 +18,8 @@ import mlx_paligemma as mp
 from tests.helpers import noise_image, png_claiming_size
 
 ROOT = Path(__file__).resolve().parents[1]
-# The modules, not the functions `mlx_paligemma.generate` / `.quantize` that the package exports.
-generate_cli = importlib.import_module("mlx_paligemma.generate")
+# The CLI modules (`mlx_paligemma.quantize` is also the name of a function of that module).
+generate_cli = importlib.import_module("mlx_paligemma.commands.generate")
 quantize_cli = importlib.import_module("mlx_paligemma.quantize")
 
 

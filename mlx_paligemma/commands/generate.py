@@ -1,0 +1,194 @@
+"""`mlx-paligemma generate` (or `python -m mlx_paligemma.generate`): ask PaliGemma about images.
+
+    mlx-paligemma generate --model google/paligemma-3b-mix-224 --image cat.jpg --prompt "caption en"
+
+The command-line front end of `generation` (the library's generation loop). The answer streams
+to stdout; `--verbose` adds statistics on stderr. Several --image/--prompt pairs run as one
+batch. User errors print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from ..cli import ArgumentParser, main_entry, run_main
+from ..dtypes import NAMES
+from ..fsutil import atomic_path
+from ..processor import DEFAULT_MAX_IMAGE_PIXELS
+
+PROG = "mlx-paligemma generate"
+# Above this many prompt tokens the CLI says on stderr that the prefill will take a while: the
+# prefix attends bidirectionally, so it runs as one pass that cannot report progress part-way.
+LONG_PREFILL_TOKENS = 2048
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(
+        prog=PROG,
+        description="Caption, answer questions about, detect or segment objects in images with PaliGemma.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face repo id")
+    p.add_argument("--image", action="append", required=True, help="image file (repeat for a batch)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help='task prompt, e.g. "caption en", "answer en what is this?", "detect cat" (repeat for a batch)',
+    )
+    p.add_argument("--max-tokens", type=int, default=100, help="most tokens to generate (default 100)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="e.g. 1.1 (default: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument(
+        "--dtype",
+        choices=NAMES,
+        default=None,
+        help="compute dtype (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--backend", choices=["mlx", "torch"], default="mlx", help="mlx (default) or the PyTorch reference backend"
+    )
+    p.add_argument("--device", default=None, help="torch backend device: mps, cuda, cpu (default: best available)")
+    p.add_argument("--no-stream", action="store_true", help="print the answer only when it is complete")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, boxes, stats")
+    p.add_argument(
+        "--draw",
+        metavar="OUT.png",
+        default=None,
+        help="write the image with detected boxes and labels (one image only)",
+    )
+    p.add_argument("--force", action="store_true", help="allow --draw to overwrite an existing file")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"refuse image files larger than this many pixels (default {DEFAULT_MAX_IMAGE_PIXELS:,})",
+    )
+    p.add_argument("--verbose", action="store_true", help="print timing and memory statistics to stderr")
+    return p
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from ..generation import option_errors
+
+    for name, message in option_errors(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+    ):
+        p.error(f"--{name.replace('_', '-')}: {message}")
+    if args.max_image_pixels < 1:
+        p.error(f"--max-image-pixels: must be at least 1, got {args.max_image_pixels}")
+    if len(args.image) != len(args.prompt):
+        p.error(f"got {len(args.image)} --image and {len(args.prompt)} --prompt: give one prompt per image")
+    if args.device is not None and args.backend != "torch":
+        p.error("--device applies to --backend torch only")
+    if args.draw is not None:
+        if len(args.image) != 1:
+            p.error("--draw takes exactly one --image")
+        if Path(args.draw).exists() and not args.force:
+            p.error(f"--draw: {args.draw} exists; pass --force to overwrite it")
+        if not Path(args.draw).resolve().parent.is_dir():
+            p.error(f"--draw: directory of {args.draw} does not exist")
+    for image in args.image:
+        if Path(image).is_dir():
+            p.error(f"--image: {image}: is a directory, not an image file")
+        if not Path(image).is_file():
+            p.error(f"--image: {image}: no such file")
+
+
+def _stats_line(stats) -> str:
+    return (
+        f"prompt: {stats.prompt_tokens} tokens x {stats.batch_size}, {stats.prefill_tps:.1f} tokens/s | "
+        f"generation: {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens/s | "
+        f"vision {stats.vision_time:.2f}s | peak memory {stats.peak_memory_gb:.2f} GB"
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    return run_main(parser.prog, lambda: _run(args))
+
+
+def _printed(chunks: Iterator) -> Iterator:
+    """Pass a stream's chunks on, printing each one's text as it arrives."""
+    for chunk in chunks:
+        print(chunk.text, end="", flush=True)
+        yield chunk
+    print()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .. import generation
+    from ..tasks import draw_detections, parse_detections
+
+    if args.backend == "torch":
+        from ..reference import load as load_torch
+
+        model, processor = load_torch(args.model, device=args.device, dtype=args.dtype)
+    else:
+        from ..load import load
+
+        model, processor = load(args.model, dtype=args.dtype)
+    processor.max_image_pixels = args.max_image_pixels
+    images = [processor.load_image(path) for path in args.image]
+    prompt_tokens = int(processor.encode_prompts(list(args.prompt))["attention_mask"].sum(axis=1).max())
+    generation.check_prompt_length(model, prompt_tokens)
+    if prompt_tokens > LONG_PREFILL_TOKENS:
+        print(f"{PROG}: reading a long prompt ({prompt_tokens} tokens) before the first new token...", file=sys.stderr)
+    options = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    single = len(images) == 1
+    stream = single and not (args.no_stream or args.json)
+    if stream:
+        chunks = generation.stream_generate(model, processor, images[0], args.prompt[0], **options)
+        results = generation.collect_results(processor, _printed(chunks), [images[0].size])
+    else:
+        results = generation.generate(model, processor, images, list(args.prompt), **options)
+    stats = results[0].stats
+    boxes = [parse_detections(r.text, r.image_size) for r in results]
+
+    if args.json:
+        rows = [
+            {
+                "prompt": p,
+                "text": r.text,
+                "tokens": r.token_ids,
+                "finish_reason": r.finish_reason,
+                "boxes": [d.to_dict() for d in b],
+            }
+            for p, r, b in zip(args.prompt, results, boxes)
+        ]
+        out = {**rows[0], "stats": asdict(stats)} if single else {"results": rows, "stats": asdict(stats)}
+        print(json.dumps(out, ensure_ascii=False))
+    elif not stream:
+        for i, r in enumerate(results):
+            print(r.text if single else f"[{i}] {r.text}")
+    if args.draw is not None:
+        with atomic_path(args.draw) as tmp:
+            draw_detections(images[0], boxes[0]).save(tmp, format="PNG")
+    if args.verbose:
+        print(_stats_line(stats), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    main_entry(main)
