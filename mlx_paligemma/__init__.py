@@ -3,6 +3,12 @@
 import mlx_paligemma as mp
 model, processor = mp.load("google/paligemma-3b-mix-224")
 print(mp.generate(model, processor, "cat.jpg", "caption en").text)
+
+Where things are: `load.py` (MLX) and `reference/` (PyTorch) load checkpoints found and checked by
+`checkpoint.py` and `config.py`; `processor.py` makes numpy inputs; `models/` holds the MLX modules
+and their KV cache; `generation.py` is the library's generation loop (`generate`, `stream_generate`);
+`tasks.py` parses boxes. The command lines: `__main__.py` (`mlx-paligemma SUBCOMMAND`) dispatches to
+`commands/generate.py`, `quantize.py` and `doctor.py`.
 """
 
 from .errors import CheckpointError, ConfigError, MissingDependencyError, PaliGemmaError, ProcessorError
