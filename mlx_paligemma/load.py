@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 from .checkpoint import canonical_key, check_tensors, open_checkpoint, resolve_model_dir
 from .config import load_config
 from .dtypes import mlx_dtypes
-from .errors import PaliGemmaError
+from .errors import CheckpointError, PaliGemmaError
 from .models import Model
 from .processor import Processor
 
@@ -53,7 +53,11 @@ def load_model(model_dir: str | os.PathLike, dtype: Optional[str] = None, lazy: 
 
     weights: dict[str, mx.array] = {}
     for path in ckpt.files:
-        for name, array in mx.load(str(path)).items():
+        try:
+            arrays = mx.load(str(path))
+        except (RuntimeError, ValueError) as e:  # the header check passed, yet MLX cannot read it
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); download it again") from None
+        for name, array in arrays.items():
             weights[canonical_key(name)] = array
     weights = model.sanitize(weights)
     if config.quantization:

@@ -172,3 +172,20 @@ def test_mask_rules_are_the_same_in_both_backends(window, cached):
         assert (m[kind] is None) == (t[kind] is None)
         if m[kind] is not None:
             np.testing.assert_array_equal(np.asarray(m[kind]), t[kind].numpy())
+
+
+def test_image_features_are_placed_alike_in_both_backends(pg1_dir):
+    """`embed_inputs` is mirrored per framework; left padding moves the image tokens, and both follow them."""
+    mlx_model, processor = mlx_paligemma.load(pg1_dir, dtype="float32")
+    torch_model, _ = reference.load(pg1_dir, device="cpu", dtype="float32")
+    batch = numpy_batch(
+        processor, images=[noise_image(30, 30, seed=1)] * 2, prompts=["caption en", "answer en what is it?"]
+    )
+    assert batch["attention_mask"][0, 0] == 0, "the first row is padded, or nothing moves"
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((2, processor.num_image_tokens, 64)).astype(np.float32)
+    ours = mlx_model.embed_inputs(mx.array(batch["input_ids"]), mx.array(features))
+    theirs = torch_model.embed_inputs(torch.from_numpy(batch["input_ids"]).long(), torch.from_numpy(features))
+    np.testing.assert_allclose(to_numpy(ours), to_numpy(theirs), rtol=0, atol=1e-6)
+    is_image = batch["input_ids"] == processor.image_token_id
+    np.testing.assert_array_equal(to_numpy(ours)[is_image], features.reshape(-1, 64))
