@@ -111,11 +111,13 @@ class _Detokenizer:
     Each step decodes only the ids since the previous chunk's start (as vLLM does): the
     previous chunk gives the new one its context (a leading space, a byte piece it completes),
     so the cost per token stays constant instead of growing with the answer. Text that ends in
-    a partial UTF-8 character (a byte piece awaiting the next) is held back until complete.
+    a partial UTF-8 character, or a run of byte pieces not yet ended, is held back until complete
+    (the `tokenizers` decoder turns a whole run of bytes into text at once, valid or not).
     """
 
     def __init__(self, processor: Processor):
         self.decode = processor.decode
+        self.byte_ids = getattr(processor.tokenizer, "byte_ids", frozenset())
         self.ids: list[int] = []
         self.prefix_offset = 0  # where the decoded window starts
         self.read_offset = 0  # ids before this are emitted
@@ -130,7 +132,7 @@ class _Detokenizer:
     def _emit(self, final: bool) -> str:
         emitted = self.decode(self.ids[self.prefix_offset : self.read_offset])
         text = self.decode(self.ids[self.prefix_offset :])
-        if not final and (len(text) <= len(emitted) or text.endswith("\ufffd")):
+        if not final and (len(text) <= len(emitted) or text.endswith("\ufffd") or self.ids[-1] in self.byte_ids):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return text[len(emitted) :]

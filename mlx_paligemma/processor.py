@@ -33,6 +33,11 @@ DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
+def _byte_ids(piece_to_id: Callable[[str], int], unk_id: int) -> frozenset[int]:
+    """Ids of the byte-fallback pieces `<0x00>`..`<0xFF>`, which spell characters outside the vocabulary."""
+    return frozenset(i for i in (piece_to_id(f"<0x{b:02X}>") for b in range(256)) if i != unk_id)
+
+
 class Tokenizer:
     """The checkpoint's sentencepiece model (Gemma: no dummy prefix, byte fallback)."""
 
@@ -47,6 +52,7 @@ class Tokenizer:
         self.eos_id = self.sp.eos_id()
         self.pad_id = max(self.sp.pad_id(), 0)
         self.vocab_size = self.sp.get_piece_size()
+        self.byte_ids = _byte_ids(self.piece_to_id, self.sp.unk_id())
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -97,6 +103,7 @@ class JsonTokenizer:
         self.pad_id = token_id("pad", "<pad>")
         self.unk_id = token_id("unk", "<unk>", required=False)
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.byte_ids = _byte_ids(self.piece_to_id, self.unk_id)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids

@@ -55,6 +55,24 @@ def test_random_id_sequences_stream_exactly(processor):
         assert "".join(streamed(processor, ids)) == processor.decode(ids), ids
 
 
+def test_tokenizer_json_checkpoints_stream_exactly_too(pg1_dir, processor):
+    """mlx-community conversions ship tokenizer.json only: the `tokenizers` decoder, same rule."""
+    from types import SimpleNamespace
+
+    from mlx_paligemma.processor import JsonTokenizer
+
+    tok = JsonTokenizer(pg1_dir)
+    json_processor = SimpleNamespace(decode=tok.decode, tokenizer=tok)
+    rng = random.Random(1)
+    n = processor.tokenizer.vocab_size
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert "".join(streamed(json_processor, ids)) == tok.decode(ids) == text
+    for _ in range(40):
+        ids = [rng.randrange(n) for _ in range(rng.randrange(1, 30))]
+        assert "".join(streamed(json_processor, ids)) == tok.decode(ids), ids
+
+
 def test_detection_answer_streams_as_codes(processor):
     sp = processor.tokenizer.sp
     ids = [sp.piece_to_id(p) for p in ["<loc0012>", "<loc0100>", "<loc0500>", "<loc1023>"]]
