@@ -1,8 +1,8 @@
 """Text generation: one bidirectional prefill of image + prompt, then cached causal decoding.
 
 Backend-neutral: a small runner per backend (MLX here, PyTorch in `reference`) does encode /
-prefill / step; the loop, sampling (`sampling`: mlx-lm's samplers, without importing mlx-lm)
-and streaming detokenisation are shared. Nothing here is module-level state: two models can generate in
+prefill / step; the loop, sampling (mlx-lm's samplers, copied in `sampling`) and streaming
+detokenisation are shared. Nothing here is module-level state: two models can generate in
 one process, and breaking out of `stream_generate` drops the cache with the generator.
 """
 
