@@ -5,7 +5,7 @@ layer keeps its keys and values in sequence order. Gemma 2 sliding layers keep o
 `sliding_window` positions once a call is done, which is all a later suffix token may see;
 during the prefill call they still see the whole prefix, which is bidirectional across the
 window in the reference. Because slots stay in order, the positions they hold follow from two
-numbers (how many positions so far, how many kept), so the mask needs no bookkeeping of its own.
+numbers (how many positions so far, how many held), so the mask needs no bookkeeping of its own.
 
 Written here rather than taken from mlx-lm: `mlx_lm.models.cache` imports the `mlx_lm` package,
 which imports transformers (~2.4 s on first use), and its rotating cache reorders slots.
@@ -58,8 +58,10 @@ def prefix_lm_masks(
 class LayerCache:
     """One layer's keys and values, (B, kv_heads, positions, head_dim); `window` bounds sliding layers.
 
-    Full layers grow a preallocated buffer in steps of 256 positions (as mlx-lm's KVCache does),
-    so a decode step writes one slot instead of copying the whole history.
+    Slots grow in a preallocated buffer, `step` positions at a time (as mlx-lm's KVCache does), so
+    a decode step writes one slot instead of copying the history. A sliding layer drops its
+    oldest slots once it holds `step` more than its window (one copy every `step` tokens, not
+    every token); the mask hides the extra slots, which are outside every later query's window.
     """
 
     step = 256
@@ -69,19 +71,16 @@ class LayerCache:
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
         self.offset = 0  # positions seen so far (the RoPE offset)
+        self.first = 0  # the position held in slot 0 (> 0 once a sliding layer dropped slots)
+
+    @property
+    def stored(self) -> int:
+        """Positions held, the last `stored` of `offset`."""
+        return self.offset - self.first
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append this call's keys/values and return everything the call's queries may attend."""
-        if self.window is not None:
-            self.offset += keys.shape[2]
-            if self.keys is not None:
-                keys = mx.concatenate([self.keys, keys], axis=2)
-                values = mx.concatenate([self.values, values], axis=2)
-            self.keys, self.values = keys, values
-            if keys.shape[2] > self.window:
-                self.keys, self.values = keys[:, :, -self.window :], values[:, :, -self.window :]
-            return keys, values
-        prev, new = self.offset, keys.shape[2]
+        prev, new = self.stored, keys.shape[2]
         if self.keys is None or prev + new > self.keys.shape[2]:
             B, heads, _, dim = keys.shape
             grow = ((new + self.step - 1) // self.step) * self.step
@@ -92,17 +91,21 @@ class LayerCache:
             else:
                 self.keys = mx.concatenate([self.keys[:, :, :prev], k_more], axis=2)
                 self.values = mx.concatenate([self.values[:, :, :prev], v_more], axis=2)
-        self.offset = prev + new
-        self.keys[:, :, prev : self.offset] = keys
-        self.values[:, :, prev : self.offset] = values
-        return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
+        self.offset += new
+        self.keys[:, :, prev : prev + new] = keys
+        self.values[:, :, prev : prev + new] = values
+        k, v = self.keys[:, :, : prev + new], self.values[:, :, : prev + new]
+        if self.window is not None and self.stored > self.window + self.step:
+            drop = self.stored - self.window
+            self.keys, self.values = k[:, :, drop:], v[:, :, drop:]
+            self.first += drop
+        return k, v
 
     @property
     def nbytes(self) -> int:
         if self.keys is None:
             return 0
-        kept = self.keys.shape[2] if self.window is not None else self.offset
-        return 2 * self.keys.shape[0] * self.keys.shape[1] * kept * self.keys.shape[3] * self.keys.itemsize
+        return 2 * self.keys.shape[0] * self.keys.shape[1] * self.stored * self.keys.shape[3] * self.keys.itemsize
 
 
 class PrefixLMCache:
@@ -145,11 +148,14 @@ class PrefixLMCache:
         query = mx.arange(start, start + new)
         every = mx.arange(start + new)
         masks = prefix_lm_masks(self.attention_mask, types, self.window, query, every)
-        kept = min(start, self.window or 0)  # sliding slots left from earlier calls
+        kept = self._sliding_slots()  # positions the sliding layers still hold from earlier calls
         if self.window is not None and kept < start:
             keys = mx.arange(start - kept, start + new)
             masks["sliding"] = prefix_lm_masks(self.attention_mask, None, self.window, query, keys)["sliding"]
         return masks
+
+    def _sliding_slots(self) -> int:
+        return next((layer.stored for layer in self.layers if layer.window is not None), 0)
 
     @property
     def nbytes(self) -> int:

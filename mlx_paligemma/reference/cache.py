@@ -76,6 +76,11 @@ class LayerCache:
         return keys, values
 
     @property
+    def stored(self) -> int:
+        """Positions held, the last `stored` of `offset`."""
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
 
@@ -121,11 +126,14 @@ class PrefixLMCache:
         query = torch.arange(start, start + new, device=device)
         every = torch.arange(start + new, device=device)
         masks = prefix_lm_masks(self.attention_mask, types, self.window, query, every)
-        kept = min(start, self.window or 0)  # sliding slots left from earlier calls
+        kept = self._sliding_slots()  # positions the sliding layers still hold from earlier calls
         if self.window is not None and kept < start:
             keys = torch.arange(start - kept, start + new, device=device)
             masks["sliding"] = prefix_lm_masks(self.attention_mask, None, self.window, query, keys)["sliding"]
         return masks
+
+    def _sliding_slots(self) -> int:
+        return next((layer.stored for layer in self.layers if layer.window is not None), 0)
 
     @property
     def nbytes(self) -> int:
