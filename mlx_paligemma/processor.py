@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .config import PaliGemmaConfig
-from .errors import ProcessorError
+from .errors import ImageTooLargeError, ProcessorError
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -140,10 +140,7 @@ def load_image(image: ImageInput, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_
             try:
                 width, height = img.size
                 if max_pixels is not None and width * height > max_pixels:
-                    raise ProcessorError(
-                        f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the limit of "
-                        f"{max_pixels / 1e6:g} megapixels (max_image_pixels); raise the limit to read it"
-                    )
+                    raise ImageTooLargeError(str(path), width, height, max_pixels)
                 img.load()
             except BaseException:
                 img.close()

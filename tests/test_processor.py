@@ -92,7 +92,7 @@ def test_a_directory_is_not_an_image(processor, tmp_path):
 def test_images_over_the_pixel_limit_are_refused_from_the_header(processor, tmp_path):
     """A 20000x20000 image once escaped as PIL's DecompressionBombError with a traceback."""
     bomb = png_claiming_size(tmp_path / "bomb.png", 20000, 20000)
-    with pytest.raises(mp.ProcessorError, match=r"bomb.png: 20000x20000 is 400 megapixels, over the limit of 100 "):
+    with pytest.raises(mp.ProcessorError, match=r"400 megapixels, over the limit of 100 megapixels; .*\(max_image_pix"):
         processor.preprocess_image(bomb)
     with pytest.raises(mp.ProcessorError, match="over the limit of 0.01 megapixels"):
         load_image(png_claiming_size(tmp_path / "small.png", 200, 100), max_pixels=10_000)

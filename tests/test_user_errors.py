@@ -127,7 +127,12 @@ def test_an_image_over_the_pixel_limit_is_one_line_and_the_limit_a_flag(pg1_dir,
     bomb = png_claiming_size(tmp_path / "bomb.png", 20000, 20000)
     args = ("--model", pg1_dir, "--image", bomb, "--prompt", "caption en")
     code, _, err = run(generate_cli.main, *args, capsys=capsys)
-    assert_one_line_error(code, err, "bomb.png: 20000x20000 is 400 megapixels, over the limit of 100 megapixels")
+    assert_one_line_error(
+        code,
+        err,
+        "bomb.png: 20000x20000 is 400 megapixels, over the limit of 100 megapixels; raise the limit "
+        "(--max-image-pixels)",
+    )
     code, _, err = run(generate_cli.main, *args, "--max-image-pixels", "500000000", capsys=capsys)
     assert_one_line_error(code, err, "bomb.png: not a readable image")  # past the limit, on to decoding
 

@@ -19,6 +19,7 @@ from typing import Optional
 
 from ..cli import ArgumentParser, main_entry, run_main
 from ..dtypes import NAMES
+from ..errors import ImageTooLargeError
 from ..fsutil import atomic_path
 from ..processor import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -143,7 +144,10 @@ def _run(args: argparse.Namespace) -> int:
 
         model, processor = load(args.model, dtype=args.dtype)
     processor.max_image_pixels = args.max_image_pixels
-    images = [processor.load_image(path) for path in args.image]
+    try:
+        images = [processor.load_image(path) for path in args.image]
+    except ImageTooLargeError as e:  # the library's message names the parameter; say the flag
+        raise ImageTooLargeError(e.path, e.width, e.height, e.limit, "--max-image-pixels") from None
     prompt_tokens = int(processor.encode_prompts(list(args.prompt))["attention_mask"].sum(axis=1).max())
     generation.check_prompt_length(model, prompt_tokens)
     if prompt_tokens > LONG_PREFILL_TOKENS:
