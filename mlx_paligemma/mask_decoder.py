@@ -16,16 +16,15 @@ id, reads `.npz` (never unpickling) or `.safetensors`, and checks every tensor b
 the backends' modules (`models/mask_decoder.py` for MLX, `reference/mask_decoder.py` for PyTorch)
 only convert layouts at their door. The codebook width D is read from the file (checked against
 `decoder.0`), so the check does not depend on one published value.
-
-    python -m mlx_paligemma.mask_decoder convert vae-oid.npz vae-oid.safetensors
+`python -m mlx_paligemma.convert_mask_decoder vae-oid.npz vae-oid.safetensors` writes the safetensors
+copy (`convert` here).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import sys
-from collections.abc import Sequence
+import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -137,6 +136,8 @@ def read_tensors(path: PathLike) -> dict[str, np.ndarray]:
         except Exception as e:  # safetensors raises its own error types for malformed files
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     if path.suffix == ".npz":
+        if not zipfile.is_zipfile(path):  # np.load would take any other file for a pickle
+            raise CheckpointError(f"{path}: not a readable .npz archive (not a zip file)")
         try:
             with np.load(path, allow_pickle=False) as archive:
                 return {name: archive[name] for name in archive.files}
@@ -222,29 +223,3 @@ def convert(src: PathLike, dst: PathLike, force: bool = False) -> Path:
     with atomic_path(dst) as tmp:
         save_file(weights, str(tmp), metadata={"format": "pt", "source": path.name})
     return dst
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import ArgumentParser, run_main
-
-    parser = ArgumentParser(
-        prog="python -m mlx_paligemma.mask_decoder",
-        description="Convert big_vision's segmentation mask decoder (vae-oid.npz) to safetensors.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("convert", help="vae-oid.npz -> .safetensors (same tensor names and layouts)")
-    conv.add_argument("src", help="vae-oid.npz (or a directory / hub repo id holding it)")
-    conv.add_argument("dst", help="output .safetensors file")
-    conv.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    args = parser.parse_args(argv)
-
-    def body() -> int:
-        out = convert(args.src, args.dst, force=args.force)
-        print(out)
-        return 0
-
-    return run_main(parser.prog, body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
