@@ -12,9 +12,8 @@ import pytest
 from PIL import Image
 
 import mlx_paligemma as mp
-from mlx_paligemma.generate import main as cli_main
-from tests.helpers import noise_image
 from tools.make_random_mask_decoder import make_random_mask_decoder
+from tools.make_scripted_checkpoint import make_scripted_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -153,101 +152,97 @@ def test_draw_tints_masks_and_leaves_the_rest():
     assert (drawn[ys.min(), cx] == drawn[ys.min(), cx - 1]).all() and (drawn[ys.min(), cx] < 240).any()  # outline
 
 
-def test_segment_builds_the_prompt_and_parses(monkeypatch):
-    from mlx_paligemma import generation
-
-    seen = {}
-
-    def fake_generate(model, processor, image, prompt, **kwargs):
-        seen["prompt"], seen["kwargs"] = prompt, kwargs
-        text = seg_object(0, 0, 512, 512, range(16), " cat") + " ; " + seg_object(512, 0, 1023, 512, range(16), " dog")
-        return generation.GenerationResult(text, [], "stop", (80, 40), generation.GenerationStats())
-
-    monkeypatch.setattr(generation, "generate", fake_generate)
-    segs = mp.segment(None, None, noise_image(80, 40), ["cat", "dog"], mask_decoder=HalfDecoder(), max_tokens=7)
-    assert seen == {"prompt": "segment cat ; dog", "kwargs": {"max_tokens": 7}}
-    assert [s.label for s in segs] == ["cat", "dog"] and segs[0].mask.shape == (40, 80)
-    with pytest.raises(mp.PaliGemmaError, match="segment: labels"):
-        mp.segment(None, None, noise_image(8, 8), ["a ; b"], mask_decoder=HalfDecoder())
-
-
 # --- CLI ----------------------------------------------------------------------------------------------------
 
 ANSWER = (
     seg_object(100, 200, 700, 900, range(20, 36), " cat") + " ; " + seg_object(400, 0, 1000, 500, range(16), " dog")
 )
+IMAGE_SIZE = (160, 96)
 
 
-@pytest.fixture
-def scripted_answer(monkeypatch):
-    """The tiny random model never writes a segmentation answer, so generation yields this one (its real
-    token ids, so the CLI's streaming and decoding paths run as usual); the model and decoder are real."""
-    from mlx_paligemma import generation
-
-    def fake_stream(model, processor, images, prompts, **kwargs):
-        ids = processor.tokenizer.encode(ANSWER)
-        stats = generation.GenerationStats(batch_size=len(prompts))
-        for row in range(len(prompts)):
-            for token in ids:
-                yield generation.GenerationChunk(processor.decode([token]), token, row, None, stats)
-            yield generation.GenerationChunk("", processor.tokenizer.eos_id, row, "stop", stats)
-
-    monkeypatch.setattr(generation, "_stream_batch", fake_stream)
+@pytest.fixture(scope="module")
+def scripted_dir(pg1_dir, tmp_path_factory) -> Path:
+    """The tiny PaliGemma 1 with its language model rewired to answer ANSWER to any prompt (the tiny random
+    model never writes a well-formed segmentation answer); vision tower, processor and generation are real."""
+    return make_scripted_checkpoint(pg1_dir, tmp_path_factory.mktemp("scripted") / "pg1", ANSWER)
 
 
 @pytest.fixture(scope="module")
 def image_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "photo.png"
-    Image.new("RGB", (160, 96), (200, 200, 200)).save(path)
+    Image.new("RGB", IMAGE_SIZE, (200, 200, 200)).save(path)
     return path
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_paligemma.generate", *args], capture_output=True, text=True, timeout=300
+    )
+
+
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
-def test_cli_json_adds_boxes_and_rle_masks(scripted_answer, pg1_dir, image_path, decoder_npz, capsys, backend):
-    argv = ["--model", str(pg1_dir), "--image", str(image_path), "--prompt", "segment cat ; dog", "--json"]
-    assert cli_main([*argv, "--mask-decoder", str(decoder_npz), "--backend", backend]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["text"] == ANSWER
-    expected = mp.parse_segmentations(ANSWER, (160, 96), mp.load_mask_decoder(decoder_npz))
-    assert [s["label"] for s in out["segmentations"]] == ["cat", "dog"]
-    for got, seg in zip(out["segmentations"], expected):
+def test_segment_end_to_end(scripted_dir, image_path, decoder_npz, backend):
+    if backend == "mlx":
+        model, processor = mp.load(scripted_dir)
+    else:
+        from mlx_paligemma import reference
+
+        model, processor = reference.load(scripted_dir, device="cpu")
+    decoder = mp.load_mask_decoder(decoder_npz, backend=backend, device="cpu" if backend == "torch" else None)
+    segs = mp.segment(model, processor, image_path, ["cat", "dog"], mask_decoder=decoder, max_tokens=60)
+    expected = mp.parse_segmentations(ANSWER, IMAGE_SIZE, mp.load_mask_decoder(decoder_npz))
+    assert [s.label for s in segs] == ["cat", "dog"]
+    for seg, ref in zip(segs, expected):
+        assert seg.box == ref.box and seg.codes == ref.codes and np.array_equal(seg.mask, ref.mask)
+    with pytest.raises(mp.PaliGemmaError, match="segment: labels"):
+        mp.segment(model, processor, image_path, ["a ; b"], mask_decoder=decoder)
+
+
+def test_cli_json_and_draw_give_masks(scripted_dir, image_path, decoder_npz, tmp_path):
+    out_png = tmp_path / "seg.png"
+    out = run_cli(
+        "--model", str(scripted_dir), "--image", str(image_path), "--prompt", "segment cat ; dog", "--json",
+        "--max-tokens", "60", "--mask-decoder", str(decoder_npz), "--draw", str(out_png),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["text"] == ANSWER
+    expected = mp.parse_segmentations(ANSWER, IMAGE_SIZE, mp.load_mask_decoder(decoder_npz))
+    assert [s["label"] for s in data["segmentations"]] == ["cat", "dog"]
+    for got, seg in zip(data["segmentations"], expected):
         assert got["box"] == pytest.approx(seg.box, abs=0.01)
-        assert got["mask"]["size"] == [96, 160]
+        assert got["mask"]["size"] == [IMAGE_SIZE[1], IMAGE_SIZE[0]]
         assert np.array_equal(mp.rle_to_mask(got["mask"]), seg.mask)
         assert got["area"] == seg.mask.sum() > 0
 
-
-def test_cli_draw_overlays_masks(scripted_answer, pg1_dir, image_path, decoder_npz, tmp_path, capsys):
-    out_png = tmp_path / "seg.png"
-    argv = ["--model", str(pg1_dir), "--image", str(image_path), "--prompt", "segment cat ; dog"]
-    assert cli_main([*argv, "--mask-decoder", str(decoder_npz), "--draw", str(out_png)]) == 0
-    assert capsys.readouterr().out == ANSWER + "\n"  # the text still streams
     drawn = np.asarray(Image.open(out_png).convert("RGB"))
-    segs = mp.parse_segmentations(ANSWER, (160, 96), mp.load_mask_decoder(decoder_npz))
-    covered = segs[0].mask | segs[1].mask
-    assert drawn.shape == (96, 160, 3)
+    covered = expected[0].mask | expected[1].mask
+    assert drawn.shape == (IMAGE_SIZE[1], IMAGE_SIZE[0], 3)
     assert (drawn[covered] != 200).any(axis=1).all()  # every mask pixel is tinted or outlined
     assert (drawn[~covered] == 200).all(axis=1).mean() > 0.9  # elsewhere only the labels are drawn
+    again = run_cli(
+        "--model", str(scripted_dir), "--image", str(image_path), "--prompt", "segment cat",
+        "--mask-decoder", str(decoder_npz), "--draw", str(out_png),
+    )  # fmt: skip
+    assert again.returncode == 2 and "pass --force" in again.stderr and again.stderr.count("\n") == 1
 
 
-def test_cli_segment_without_decoder_prints_text_and_a_hint(scripted_answer, pg1_dir, image_path, capsys):
-    argv = ["--model", str(pg1_dir), "--image", str(image_path), "--prompt", "segment cat", "--json"]
-    assert cli_main(argv) == 0
-    captured = capsys.readouterr()
-    assert json.loads(captured.out)["text"] == ANSWER and "segmentations" not in json.loads(captured.out)
-    assert captured.err.count("\n") == 1 and "--mask-decoder" in captured.err
+def test_cli_segment_without_decoder_prints_text_and_a_hint(scripted_dir, image_path):
+    out = run_cli(
+        "--model", str(scripted_dir), "--image", str(image_path), "--prompt", "segment cat", "--max-tokens", "60"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ANSWER + "\n"
+    assert out.stderr.count("\n") == 1 and "--mask-decoder" in out.stderr
 
 
 def test_cli_bad_mask_decoder_is_a_one_line_error(pg1_dir, image_path, tmp_path):
     bad = tmp_path / "broken.npz"
     np.savez(bad, x=np.zeros(2, np.float32))
     for path in (bad, tmp_path / "missing.npz"):
-        out = subprocess.run(
-            [sys.executable, "-m", "mlx_paligemma.generate", "--model", str(pg1_dir), "--image", str(image_path)]
-            + ["--prompt", "segment cat", "--mask-decoder", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        out = run_cli(
+            "--model", str(pg1_dir), "--image", str(image_path), "--prompt", "segment cat",
+            "--mask-decoder", str(path),
+        )  # fmt: skip
         assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
         assert path.name in out.stderr and out.stdout == ""
