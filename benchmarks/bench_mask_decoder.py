@@ -5,7 +5,8 @@
 
 Each backend runs in its own process (MLX with an optimised BLAS preloaded on Linux, see
 bench_generate.py; PyTorch on its default CPU threads): load, one warm-up call, then the median
-of `--runs` calls of `decoder.decode(codes)` (numpy in, numpy out: the figure a caller sees).
+of `--runs` calls of `decoder.decode(codes)` (numpy in, numpy out: the figure a caller sees),
+wall-clock and CPU time (all threads).
 A random decoder in the published layout (D = 512) is built when `--decoder` is not given; the
 time depends only on the shapes, not the weights. Prints one JSON line per backend.
 """
@@ -39,11 +40,12 @@ def worker(args: argparse.Namespace) -> None:
     load_time = time.perf_counter() - tic
     codes = np.random.default_rng(0).integers(0, 128, (args.objects, 16))
     decoder.decode(codes)  # warm-up
-    times = []
+    times, cpu = [], []
     for _ in range(args.runs):
-        tic = time.perf_counter()
+        tic, cpu_tic = time.perf_counter(), time.process_time()
         decoder.decode(codes)
         times.append(time.perf_counter() - tic)
+        cpu.append(time.process_time() - cpu_tic)
     if args.backend == "mlx":
         import mlx.core as mx
 
@@ -59,6 +61,7 @@ def worker(args: argparse.Namespace) -> None:
         "objects": args.objects,
         "median_s": round(statistics.median(times), 4),
         "ms_per_object": round(1000 * statistics.median(times) / args.objects, 3),
+        "cpu_s": round(statistics.median(cpu), 4),  # all threads: less sensitive to a busy machine
         "load_s": round(load_time, 3),
     }
     print(json.dumps(row))

@@ -70,8 +70,10 @@ def test_call_takes_backend_arrays_and_batches_are_independent(decoder_npz, code
     out = dec(mx.array(codes[:3].astype(np.int32)))
     assert isinstance(out, mx.array) and out.shape == (3, 64, 64) and out.dtype == mx.float32
     np.testing.assert_allclose(np.array(out[1]), dec.decode(codes[1:2])[0], atol=1e-5)
+    np.testing.assert_allclose(np.array(dec(codes[:3])), np.array(out))  # numpy codes are accepted too
     ref = mp.load_mask_decoder(decoder_npz, backend="torch", device="cpu")
     assert ref(torch.from_numpy(codes[:3]).long()).shape == (3, 64, 64)
+    np.testing.assert_allclose(ref(codes[:3]).numpy(), np.array(out), atol=1e-5)
 
 
 def test_codes_are_checked_before_decoding(decoder_npz):

@@ -103,6 +103,7 @@ class MaskDecoder(nn.Module):
         self.decoder = layers
 
     def __call__(self, codes: mx.array) -> mx.array:
+        codes = mx.array(codes) if not isinstance(codes, mx.array) else codes  # numpy or lists are welcome
         batch = codes.shape[0]
         x = self.codebook(codes).reshape(batch, GRID, GRID, -1)  # row-major 4x4 grid, NHWC
         for layer in self.decoder:

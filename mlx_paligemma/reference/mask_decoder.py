@@ -59,6 +59,7 @@ class MaskDecoder(nn.Module):
         return self.codebook.weight.device
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        codes = torch.as_tensor(codes, device=self.device).long()  # numpy or lists are welcome
         batch = codes.shape[0]
         x = self.codebook(codes).reshape(batch, GRID, GRID, -1).permute(0, 3, 1, 2)  # row-major 4x4 grid, NCHW
         return self.decoder(x)[:, 0]
