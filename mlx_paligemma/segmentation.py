@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageColor, ImageDraw
 
 from .errors import PaliGemmaError
 from .tasks import _COLOURS, parse_detections, segment_prompt
@@ -161,11 +161,14 @@ def draw_segmentations(image: Image.Image, segmentations: Iterable[Segmentation]
 
     canvas = np.asarray(to_rgb(image), dtype=np.float32).copy()
     segmentations = list(segmentations)
+    for seg in segmentations:
+        if seg.mask.shape != canvas.shape[:2]:
+            raise PaliGemmaError(
+                f"draw_segmentations: mask of '{seg.label}' is {seg.mask.shape[::-1]} (W, H), "
+                f"the image {canvas.shape[1::-1]}: draw on the image the answer was parsed for"
+            )
     line = max(1, round(min(canvas.shape[:2]) / 300))
-    colours = [
-        np.array(Image.new("RGB", (1, 1), _COLOURS[i % len(_COLOURS)]).getpixel((0, 0)), np.float32)
-        for i in range(len(segmentations))
-    ]
+    colours = [np.array(ImageColor.getrgb(_COLOURS[i % len(_COLOURS)]), np.float32) for i in range(len(segmentations))]
     for seg, colour in zip(segmentations, colours):
         canvas[seg.mask] = (1 - alpha) * canvas[seg.mask] + alpha * colour
     for seg, colour in zip(segmentations, colours):

@@ -150,6 +150,8 @@ def test_draw_tints_masks_and_leaves_the_rest():
     assert (drawn[cy, cx] > 100).all()  # but semi-transparent: the white shows through
     assert (drawn[119, 0] == 255).all() and (drawn[10, 190] == 255).all()  # untouched away from mask and label
     assert (drawn[ys.min(), cx] == drawn[ys.min(), cx - 1]).all() and (drawn[ys.min(), cx] < 240).any()  # outline
+    with pytest.raises(mp.PaliGemmaError, match=r"mask of 'cat' is \(200, 120\) \(W, H\), the image \(120, 200\)"):
+        mp.draw_segmentations(image.rotate(90, expand=True), [seg])
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------
