@@ -182,8 +182,8 @@ def load_decoder_tensors(path_or_repo_id: PathLike) -> tuple[dict[str, np.ndarra
     path = resolve_decoder_file(path_or_repo_id)
     tensors = read_tensors(path)
     check_decoder_tensors(tensors, path)
-    weights = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
-    return {k: v for k, v in weights.items() if not k.startswith(UNUSED_PREFIXES)}, path
+    used = {k: v for k, v in tensors.items() if not k.startswith(UNUSED_PREFIXES)}
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in used.items()}, path
 
 
 def load_mask_decoder(path_or_repo_id: PathLike, backend: str = "mlx", device: Optional[str] = None):
@@ -194,16 +194,18 @@ def load_mask_decoder(path_or_repo_id: PathLike, backend: str = "mlx", device: O
     `decoder(codes)` maps a backend array of (B, 16) codes to (B, 64, 64) float32 logits in the
     same backend, and `decoder.decode(codes)` takes and returns numpy (codes checked first).
     """
-    weights, path = load_decoder_tensors(path_or_repo_id)
+    if backend not in ("mlx", "torch"):
+        raise CheckpointError(f"load_mask_decoder: backend must be 'mlx' or 'torch', got {backend!r}")
+    if device is not None and backend != "torch":
+        raise CheckpointError("load_mask_decoder: device applies to backend='torch' only")
+    weights, _ = load_decoder_tensors(path_or_repo_id)
     if backend == "mlx":
         from .models.mask_decoder import MaskDecoder
 
         return MaskDecoder.from_weights(weights)
-    if backend == "torch":
-        from .reference.mask_decoder import MaskDecoder as TorchMaskDecoder
+    from .reference.mask_decoder import MaskDecoder as TorchMaskDecoder
 
-        return TorchMaskDecoder.from_weights(weights, device=device)
-    raise CheckpointError(f"{path}: backend must be 'mlx' or 'torch', got {backend!r}")
+    return TorchMaskDecoder.from_weights(weights, device=device)
 
 
 def convert(src: PathLike, dst: PathLike, force: bool = False) -> Path:

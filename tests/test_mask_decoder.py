@@ -194,6 +194,8 @@ def test_unusable_paths_say_what_is_wrong(tmp_path, decoder_npz):
         mp.load_mask_decoder(tmp_path / "b.safetensors")
     with pytest.raises(mp.CheckpointError, match="backend must be 'mlx' or 'torch'"):
         mp.load_mask_decoder(decoder_npz, backend="jax")
+    with pytest.raises(mp.CheckpointError, match="device applies to backend='torch' only"):
+        mp.load_mask_decoder(decoder_npz, device="cpu")
 
 
 def test_convert_cli(decoder_npz, tmp_path):
