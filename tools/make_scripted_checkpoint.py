@@ -24,6 +24,7 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -100,7 +101,7 @@ def script_weights(weights: dict[str, np.ndarray], chain: list[int], seed: int =
         out[p + "post_attention_layernorm.weight"] = np.zeros_like(weights[p + "post_attention_layernorm.weight"])
         if layer != "0":
             out[p + "mlp.down_proj.weight"] = np.zeros_like(weights[p + "mlp.down_proj.weight"])
-    norm = np.full(hidden, -1.0, np.float32)  # Gemma's norm scales by (1 + w): 0 outside the output dims
+    norm = np.full(hidden, -1.0, embed.dtype)  # Gemma's norm scales by (1 + w): 0 outside the output dims
     norm[OUT_DIMS] = 0.0
     out[prefix + "norm.weight"] = norm
     return out
@@ -130,6 +131,20 @@ def make_scripted_checkpoint(src_dir: str | Path, out_dir: str | Path, answer: s
     return out_dir
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from mlx_paligemma.cli import ArgumentParser, fail
+
+    p = ArgumentParser(prog="python -m tools.make_scripted_checkpoint", description=__doc__.splitlines()[0])
+    p.add_argument("src", help="a tiny PaliGemma 1 checkpoint made by tools.make_tiny_checkpoint")
+    p.add_argument("out", help="output directory (must not exist)")
+    p.add_argument("answer", help="the text every prompt will be answered with")
+    args = p.parse_args(argv)
+    try:
+        print(make_scripted_checkpoint(args.src, args.out, args.answer))
+    except (ValueError, OSError) as e:
+        return fail(p.prog, str(e))
+    return 0
+
+
 if __name__ == "__main__":
-    make_scripted_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3])
-    print(sys.argv[2])
+    sys.exit(main())
