@@ -61,8 +61,8 @@ def paste_mask(logits: np.ndarray, box: tuple[float, float, float, float], image
     x0, y0, x1, y1 = pixel_box(box, image_size)
     if x1 <= x0 or y1 <= y0:
         return mask
-    resized = Image.fromarray(np.asarray(logits, dtype=np.float32), mode="F").resize(
-        (x1 - x0, y1 - y0), resample=Image.BILINEAR
+    resized = Image.fromarray(np.asarray(logits, dtype=np.float32)).resize(  # float32 -> PIL mode "F"
+        (x1 - x0, y1 - y0), resample=Image.Resampling.BILINEAR
     )
     mask[y0:y1, x0:x1] = np.asarray(resized) > 0.0
     return mask
