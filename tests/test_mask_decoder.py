@@ -198,18 +198,27 @@ def test_unusable_paths_say_what_is_wrong(tmp_path, decoder_npz):
         mp.load_mask_decoder(decoder_npz, device="cpu")
 
 
-def test_convert_cli(decoder_npz, tmp_path):
+def test_convert_cli(decoder_npz, tmp_path, capsys):
+    from mlx_paligemma.convert_mask_decoder import main
+
     out = tmp_path / "dec.safetensors"
-    run = lambda *a: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "mlx_paligemma.convert_mask_decoder", *a], capture_output=True, text=True, timeout=120
+    done = subprocess.run(  # once as users run it
+        [sys.executable, "-m", "mlx_paligemma.convert_mask_decoder", str(decoder_npz), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    done = run(str(decoder_npz), str(out))
-    assert done.returncode == 0 and out.is_file(), done.stderr
-    again = run(str(decoder_npz), str(out))
-    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "pass --force" in again.stderr
-    assert run(str(decoder_npz), str(out), "--force").returncode == 0
-    bad = run(str(tmp_path / "nothing.npz"), str(tmp_path / "x.safetensors"))
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "nothing.npz" in bad.stderr
+    assert done.returncode == 0 and out.is_file() and done.stdout.strip() == str(out), done.stderr
+    capsys.readouterr()
+    assert main([str(decoder_npz), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dec.safetensors: exists; pass --force to overwrite it" in err
+    assert main([str(decoder_npz), str(out), "--force"]) == 0
+    assert main([str(tmp_path / "nothing.npz"), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing.npz: no such file or directory" in err
+    assert main([str(decoder_npz), str(tmp_path / "x.bin")]) == 2
+    assert "the output must end in .safetensors" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("inp, out, size", [(128, 128, 4), (32, 16, 9)])
