@@ -25,6 +25,8 @@ from .generation import (
     stream_generate,
 )
 from .load import load
+from .mask_decoder import load_mask_decoder
+from .segmentation import Segmentation, draw_segmentations, mask_to_rle, parse_segmentations, rle_to_mask, segment
 from .tasks import Detection, draw_detections, parse_detections
 
 __all__ = [
@@ -38,6 +40,13 @@ __all__ = [
     "parse_detections",
     "draw_detections",
     "Detection",
+    "load_mask_decoder",
+    "segment",
+    "parse_segmentations",
+    "draw_segmentations",
+    "Segmentation",
+    "mask_to_rle",
+    "rle_to_mask",
     "ImageEmbedding",
     "GenerationResult",
     "GenerationChunk",

@@ -14,6 +14,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from .errors import CheckpointError
 
@@ -57,7 +58,7 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike) -> Path:
     return _download(text)
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, patterns: Optional[list[str]] = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -67,7 +68,7 @@ def _download(repo_id: str) -> Path:
     )
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns or HUB_PATTERNS))
     except GatedRepoError:
         raise CheckpointError(
             f"{repo_id}: this repository is gated; accept its licence on huggingface.co/{repo_id} "

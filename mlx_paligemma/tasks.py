@@ -18,10 +18,11 @@ from PIL import Image, ImageDraw
 from .errors import PaliGemmaError
 
 LOC_BINS = 1024
+SEG_CODES = 16  # <seg> tokens per object in a segmentation answer
 
 _OBJECT = re.compile(
     r"<loc(\d{4})>\s*<loc(\d{4})>\s*<loc(\d{4})>\s*<loc(\d{4})>"  # y0 x0 y1 x1
-    r"((?:\s*<seg\d{3}>){16})?"  # optional segmentation codes
+    r"((?:\s*<seg\d{3}>)*)"  # segmentation codes: none, or 16 in a well-formed answer
     r"\s*([^<;]*)"
 )  # label, up to the next token or ';'
 _SEG = re.compile(r"<seg(\d{3})>")
@@ -52,7 +53,7 @@ def parse_detections(text: str, image_size: tuple[int, int]) -> list[Detection]:
         if max(y0, x0, y1, x1) >= LOC_BINS or y1 < y0 or x1 < x0:
             continue
         codes = [int(c) for c in _SEG.findall(m.group(5))] if m.group(5) else None
-        if codes is not None and max(codes) >= 128:
+        if codes is not None and (len(codes) != SEG_CODES or max(codes) >= 128):
             continue
         box = (x0 / LOC_BINS * width, y0 / LOC_BINS * height, x1 / LOC_BINS * width, y1 / LOC_BINS * height)
         found.append(Detection(m.group(6).strip(), box, codes))
@@ -74,8 +75,11 @@ def detect_prompt(labels: Sequence[str] | str) -> str:
     return "detect " + " ; ".join(label.strip() for label in labels)
 
 
-def segment_prompt(label: str) -> str:
-    return f"segment {label.strip()}"
+def segment_prompt(labels: Sequence[str] | str) -> str:
+    labels = [labels] if isinstance(labels, str) else list(labels)
+    if not labels or any(not label.strip() or ";" in label for label in labels):
+        raise PaliGemmaError(f"segment: labels must be non-empty and contain no ';', got {labels!r}")
+    return "segment " + " ; ".join(label.strip() for label in labels)
 
 
 _COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]

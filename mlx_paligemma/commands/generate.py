@@ -64,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--draw",
         metavar="OUT.png",
         default=None,
-        help="write the image with detected boxes and labels (one image only)",
+        help="write the image with detected boxes and labels, or masks with --mask-decoder (one image only)",
+    )
+    p.add_argument(
+        "--mask-decoder",
+        metavar="PATH",
+        default=None,
+        help="segmentation mask decoder (vae-oid.npz, its .safetensors, a folder or hub id): masks for segment prompts",
     )
     p.add_argument("--force", action="store_true", help="allow --draw to overwrite an existing file")
     p.add_argument(
@@ -116,6 +122,24 @@ def _stats_line(stats) -> str:
     )
 
 
+def _segmentations(args: argparse.Namespace, results, mask_decoder) -> list:
+    """Per result, the masks of a `segment` prompt (None for other prompts, or without a decoder)."""
+    from ..segmentation import parse_segmentations
+
+    is_segment = [p.strip().startswith("segment ") for p in args.prompt]
+    if mask_decoder is None:
+        if any(is_segment):
+            print(
+                "note: segment answers hold mask codes; pass --mask-decoder vae-oid.npz to turn them into masks "
+                "(README: Segmentation masks)",
+                file=sys.stderr,
+            )
+        return [None] * len(results)
+    return [
+        parse_segmentations(r.text, r.image_size, mask_decoder) if seg else None for r, seg in zip(results, is_segment)
+    ]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -135,6 +159,11 @@ def _run(args: argparse.Namespace) -> int:
     from .. import generation
     from ..tasks import draw_detections, parse_detections
 
+    mask_decoder = None
+    if args.mask_decoder is not None:  # before the model: a bad path fails fast
+        from ..mask_decoder import load_mask_decoder
+
+        mask_decoder = load_mask_decoder(args.mask_decoder, backend=args.backend, device=args.device)
     if args.backend == "torch":
         from ..reference import load as load_torch
 
@@ -169,6 +198,7 @@ def _run(args: argparse.Namespace) -> int:
         results = generation.generate(model, processor, images, list(args.prompt), **options)
     stats = results[0].stats
     boxes = [parse_detections(r.text, r.image_size) for r in results]
+    segs = _segmentations(args, results, mask_decoder)
 
     if args.json:
         rows = [
@@ -181,14 +211,23 @@ def _run(args: argparse.Namespace) -> int:
             }
             for p, r, b in zip(args.prompt, results, boxes)
         ]
+        for row, found in zip(rows, segs):
+            if found is not None:
+                row["segmentations"] = [seg.to_dict() for seg in found]
         out = {**rows[0], "stats": asdict(stats)} if single else {"results": rows, "stats": asdict(stats)}
         print(json.dumps(out, ensure_ascii=False))
     elif not stream:
         for i, r in enumerate(results):
             print(r.text if single else f"[{i}] {r.text}")
     if args.draw is not None:
+        if segs[0] is not None:
+            from ..segmentation import draw_segmentations
+
+            drawn = draw_segmentations(images[0], segs[0])
+        else:
+            drawn = draw_detections(images[0], boxes[0])
         with atomic_path(args.draw) as tmp:
-            draw_detections(images[0], boxes[0]).save(tmp, format="PNG")
+            drawn.save(tmp, format="PNG")
     if args.verbose:
         print(_stats_line(stats), file=sys.stderr)
     return 0
