@@ -5,6 +5,8 @@ model, processor = mp.load("google/paligemma-3b-mix-224")
 print(mp.generate(model, processor, "cat.jpg", "caption en").text)
 """
 
+# First, before anything imports mlx.core: importing blas loads a fast BLAS for MLX's CPU backend on Linux.
+from . import blas  # noqa: F401  (isort keeps it first)
 from .errors import CheckpointError, ConfigError, PaliGemmaError, ProcessorError
 from .generation import (
     GenerationChunk,

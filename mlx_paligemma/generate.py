@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         default=None,
-        help="compute dtype (default: the checkpoint's)",
+        help="compute dtype (default: MLX on the CPU float32, else the checkpoint's)",
     )
     p.add_argument(
         "--backend", choices=["mlx", "torch"], default="mlx", help="mlx (default) or the PyTorch reference backend"
