@@ -83,6 +83,8 @@ class PrefixLMCache:
         ]
         self._positions = {"full": KVCache(), "sliding": RotatingKVCache(max_size=self.window) if self.window else None}
         self.attention_mask = attention_mask  # (B, positions so far)
+        # Read once (B x prompt length ints): without padding a decode step needs no mask (see `masks`).
+        self.padded = not bool(np.asarray(attention_mask).all())
 
     @property
     def offset(self) -> int:
@@ -97,12 +99,19 @@ class PrefixLMCache:
             )
         query = mx.arange(self.offset, self.offset + new_tokens)
         p = query.astype(mx.float32).reshape(1, 1, -1, 1)
+        end = self.offset + new_tokens  # positions once these are registered
         masks = {}
         for kind, pos_cache in self._positions.items():
             if pos_cache is None:
                 masks[kind] = None
                 continue
             slots = pos_cache.update_and_fetch(p, p)[0].reshape(-1).astype(mx.int32)
+            if new_tokens == 1 and not self.padded and (kind == "full" or end <= self.window):
+                # Decode hot path: one suffix query, no padding, and every slot holds a position it may see
+                # (all of them in full layers; in sliding ones while the sequence fits the window). Same
+                # result as the all-True mask, without building it every step.
+                masks[kind] = None
+                continue
             masks[kind] = prefix_lm_masks(self.attention_mask, token_type_ids, self.window, query, slots)[kind]
         return masks
 
