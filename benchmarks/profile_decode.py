@@ -19,9 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlx_paligemma as mp  # first: the fast BLAS
 import mlx.core as mx  # noqa: I001
 import numpy as np
+
+import mlx_paligemma as mp  # first: the fast BLAS
 
 
 def _median_time(fn, steps: int) -> float:
@@ -145,7 +146,9 @@ def main() -> int:
         ("bound_ms", "bound: weights / GEMV bandwidth"),
     ]:
         print(f"| {label} | {r[key]:.2f} |")
-    print(f"decode {r['decode_tps']:.2f} tok/s = {r['decode_tps'] / r['bound_tps']:.0%} of the bound {r['bound_tps']:.1f}")
+    print(
+        f"decode {r['decode_tps']:.2f} tok/s = {r['decode_tps'] / r['bound_tps']:.0%} of the bound {r['bound_tps']:.1f}"
+    )
     return 0
 
 

@@ -842,7 +842,7 @@ PALIGEMMA_3B = dict(
         head_dim=256,
         vocab_size=257216,
     ),
-    image_token_index=257152,
+    image_token_index=257152,  # the real model's; the random checkpoints use their tokenizer's instead
 )
 # The issue-9 benchmark's mid size: a SigLIP-B-sized tower at 224 px (256 image tokens) and a narrow Gemma 1
 # decoder (width 1024, 8 layers, multi-query attention as in the 3B) with the real 257216-entry vocabulary, so
@@ -923,8 +923,9 @@ def make_paligemma_3b_checkpoint(
     Written tensor by tensor into shards of at most `shard_bytes`, so memory stays at about one
     shard (the full model is ~5.9 GB in bf16), in a sibling temp dir renamed into place at the
     end (an interrupted build leaves nothing to mistake for a checkpoint). The tiny tokenizer is
-    reused: ids past its vocabulary are unused embedding rows, and `image_token_index` is the real
-    257152 (our processor takes it from config.json; transformers' processor would not match it).
+    reused: ids past its vocabulary are unused embedding rows, and `image_token_index` is the tiny
+    tokenizer's `<image>` id (not the real 257152), so transformers' and mlx-vlm's processors, which
+    take it from the tokenizer, agree with ours, which takes it from config.json.
     """
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not out_dir.is_dir():
@@ -954,7 +955,7 @@ def _write_paligemma_3b(
 
     generator = torch.Generator().manual_seed(seed)
     shapes = _paligemma_3b_shapes(image_size, spec)
-    _write_processor(out_dir, image_size, (image_size // spec["vision"]["patch_size"]) ** 2)
+    image_token_index = _write_processor(out_dir, image_size, (image_size // spec["vision"]["patch_size"]) ** 2)
 
     def random_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if len(shape) == 1:  # SigLIP LayerNorm weights around 1; biases and Gemma's (1 + w) norms around 0
@@ -993,7 +994,7 @@ def _write_paligemma_3b(
             "eos_token_id": EOS_ID,
             "hidden_size": t["hidden_size"],
             "ignore_index": -100,
-            "image_token_index": spec["image_token_index"],
+            "image_token_index": image_token_index,
             "model_type": "paligemma",
             "pad_token_id": PAD_ID,
             "projection_dim": t["hidden_size"],
