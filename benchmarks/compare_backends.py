@@ -15,6 +15,7 @@ GEMV bandwidth measured), prefill as a fraction of the framework's GEMM throughp
 Output: a markdown table on stdout, `--json`, a PNG `--chart` (matplotlib: the `bench` extra).
 """
 
+# ruff: noqa: I001  (in the workers mlx_paligemma is imported before mlx.core on purpose: it preloads the BLAS)
 from __future__ import annotations
 
 import importlib.util
@@ -175,11 +176,10 @@ def _worker_package(args: Any, backend: str) -> dict:
 
 def _worker_mlx_vlm(args: Any) -> dict:
     """mlx-vlm at its best CPU setup: float32 weights, OpenBLAS preloaded (set by the parent's environment)."""
-    import mlx.core as mx  # noqa: I001
+    from mlx_paligemma import blas  # noqa: F401  preloads what MLX_PALIGEMMA_BLAS names, before mlx.core
+    import mlx.core as mx
     from mlx_vlm import load, stream_generate
     from mlx_vlm.prompt_utils import apply_chat_template
-
-    from mlx_paligemma import blas  # noqa: F401  preloads what MLX_PALIGEMMA_BLAS names, before mlx.core
 
     tic = time.perf_counter()
     model, processor = load(args.model)

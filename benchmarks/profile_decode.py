@@ -9,7 +9,12 @@ LM head alone, the prefix-LM masks, the sampler, the detokeniser and the host sy
 the weights read per token over the fp32 GEMV bandwidth measured here.
 """
 
+# ruff: noqa: I001  (mlx_paligemma is imported before mlx.core on purpose: it preloads the fast BLAS)
 from __future__ import annotations
+
+import mlx_paligemma as mp
+import mlx.core as mx
+import numpy as np
 
 import argparse
 import json
@@ -18,11 +23,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import mlx.core as mx  # noqa: I001
-import numpy as np
-
-import mlx_paligemma as mp  # first: the fast BLAS
 
 
 def _median_time(fn, steps: int) -> float:
