@@ -34,8 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PROG = "compare_backends"
 RUNTIMES = ("mlx", "torch", "torch-fp32", "mlx-vlm", "transformers")
 OPTIONAL = {"mlx-vlm": "mlx_vlm", "transformers": "transformers"}
-GEMM_N = 2048
-GEMV_SHAPE = (16384, 4096)  # rows x cols: 256 MB in float32, well past the caches
+# Probe sizes: "full" is past every cache (GEMV 256 MB, memory read 1 GiB); "small" only checks that the
+# benchmark runs (CI): its figures sit in the caches and mean nothing.
+PROBES = {
+    "full": dict(gemm_n=2048, gemv_shape=(16384, 4096), read_mb=1024),
+    "small": dict(gemm_n=256, gemv_shape=(1024, 512), read_mb=16),
+}
+PROBE = dict(PROBES["full"])
 
 
 # --- measurements (run inside the workers) ------------------------------------------------------------------
@@ -55,11 +60,12 @@ def _mlx_matmul_speed(dtype_name: str) -> dict:
     import mlx.core as mx
 
     dtype = getattr(mx, dtype_name)
-    a = mx.random.normal((GEMM_N, GEMM_N)).astype(dtype)
-    w = mx.random.normal(GEMV_SHAPE).astype(dtype)
-    x = mx.random.normal((1, GEMV_SHAPE[1])).astype(dtype)
+    n, shape = PROBE["gemm_n"], PROBE["gemv_shape"]
+    a = mx.random.normal((n, n)).astype(dtype)
+    w = mx.random.normal(shape).astype(dtype)
+    x = mx.random.normal((1, shape[1])).astype(dtype)
     mx.eval(a, w, x)
-    gemm = 2 * GEMM_N**3 / _median_time(lambda: mx.eval(a @ a), 3) / 1e9
+    gemm = 2 * n**3 / _median_time(lambda: mx.eval(a @ a), 3) / 1e9
     gemv = w.nbytes / _median_time(lambda: mx.eval(x @ w.T), 7) / 1e9
     return dict(gemm_gflops=gemm, gemv_gbps=gemv)
 
@@ -78,11 +84,12 @@ def _torch_matmul_speed(dtype_name: str, device: Any) -> dict:
 
         return run
 
-    a = torch.randn(GEMM_N, GEMM_N, device=device).to(dtype)
-    w = torch.randn(*GEMV_SHAPE, device=device).to(dtype)
-    x = torch.randn(1, GEMV_SHAPE[1], device=device).to(dtype)
+    n, shape = PROBE["gemm_n"], PROBE["gemv_shape"]
+    a = torch.randn(n, n, device=device).to(dtype)
+    w = torch.randn(*shape, device=device).to(dtype)
+    x = torch.randn(1, shape[1], device=device).to(dtype)
     with torch.no_grad():
-        gemm = 2 * GEMM_N**3 / _median_time(timed(lambda: a @ a), 3) / 1e9
+        gemm = 2 * n**3 / _median_time(timed(lambda: a @ a), 3) / 1e9
         gemv = w.numel() * w.element_size() / _median_time(timed(lambda: x @ w.T), 7) / 1e9
     return dict(gemm_gflops=gemm, gemv_gbps=gemv)
 
@@ -91,7 +98,7 @@ def memory_read_bandwidth() -> float:
     """GB/s of a multi-threaded sum over 1 GiB (torch, every core), the best of a few."""
     import torch
 
-    big = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
+    big = torch.ones(PROBE["read_mb"] * 256 * 1024, dtype=torch.float32)
     best = min(_time_once(lambda: big.sum().item()) for _ in range(5))
     return big.numel() * 4 / best / 1e9
 
@@ -291,6 +298,7 @@ def _worker_transformers(args: Any) -> dict:
 
 def worker(args: Any) -> int:
     """One runtime, several runs; prints one JSON line last."""
+    PROBE.update(PROBES[args.probes])
     if args.worker == "machine":
         result = dict(memory_read_gbps=memory_read_bandwidth())
     elif args.worker == "mlx-vlm":
@@ -454,6 +462,7 @@ def machine_description() -> str:
 def _run_worker(runtime: str, args: Any, model_dir: str) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.compare_backends", "--worker", runtime, "--model", model_dir]
     cmd += ["--prompt", args.prompt, "--max-tokens", str(args.max_tokens), "--runs", str(args.runs)]
+    cmd += ["--probes", args.probes]
     for flag, value in (("--image", args.image), ("--device", args.device)):
         if value:
             cmd += [flag, value]
@@ -485,6 +494,9 @@ def _build_parser():
     p.add_argument("--dtype", default=None, help="compute dtype for mlx, mlx-vlm, transformers (default: per device)")
     p.add_argument("--device", default=None, help="torch device (default: MPS, else CUDA, else CPU)")
     p.add_argument("--vlm-blas", default="openblas", help="BLAS preloaded for mlx-vlm on Linux (default openblas)")
+    p.add_argument(
+        "--probes", choices=tuple(PROBES), default="full", help="machine probe sizes (small: a quick check, CI)"
+    )
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--chart", type=Path, help="also draw a PNG chart here (needs matplotlib: pip install '.[bench]')")
     p.add_argument("--worker", help=argparse_suppress())
@@ -549,7 +561,9 @@ def _compare(args: Any, fail: Callable[[str, str], int]) -> int:
     analyse(rows, machine, profile)
     report = dict(
         checkpoint=name,
-        settings=dict(prompt=args.prompt, max_tokens=args.max_tokens, runs=args.runs, skipped=skipped),
+        settings=dict(
+            prompt=args.prompt, max_tokens=args.max_tokens, runs=args.runs, probes=args.probes, skipped=skipped
+        ),
         machine=machine,
         parameters=profile,
         runtimes=rows,

@@ -26,7 +26,7 @@ HAS_MKL = sys.platform == "linux" and platform.machine() == "x86_64"
 def test_compare_backends_on_the_tiny_preset(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "benchmarks.compare_backends", "--preset", "tiny", "--runtimes", "mlx,torch"]
-    cmd += ["--runs", "1", "--max-tokens", "3", "--json", str(out)]
+    cmd += ["--runs", "1", "--max-tokens", "3", "--probes", "small", "--json", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
@@ -41,7 +41,7 @@ def test_compare_backends_on_the_tiny_preset(tmp_path):
     if HAS_MKL:
         assert rows["mlx"]["blas"] == "mkl"
     assert report["machine"]["memory_read_gbps"] > 0 and report["parameters"]["image_tokens"] == 16
-    assert report["settings"] == dict(prompt="caption en", max_tokens=3, runs=1, skipped=[])
+    assert report["settings"] == dict(prompt="caption en", max_tokens=3, runs=1, probes="small", skipped=[])
     assert "mlx decode vs torch" in report["ratios"]
     assert "| mlx | float32 |" in run.stdout and "| torch | bfloat16 |" in run.stdout  # the markdown table
 
