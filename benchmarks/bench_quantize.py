@@ -8,7 +8,7 @@ quantizes it to 8 and 4 bits with `python -m mlx_paligemma.quantize` (timed, wit
 process's peak memory), then runs every variant in its own process: size on disk, load time,
 greedy generation of `--max-tokens` tokens after `caption en` (prefill and decode tokens/s)
 and peak MLX memory (`mx.get_peak_memory`, reset after loading, so it counts the weights and
-the generation working set). On Linux each worker preloads MKL (see bench_generate.py).
+the generation working set). On Linux `import mlx_paligemma` preloads MKL (mlx_paligemma/blas.py).
 Random weights: the speed and size figures are real, the text is not.
 
 The float checkpoint runs with bf16 and float32 compute; quantized ones with float32 only by
@@ -41,13 +41,11 @@ def max_rss_gb() -> float:
 
 
 def run_worker(model: str, dtype: str | None, max_tokens: int) -> None:
-    from bench_generate import preload_fast_blas
-
-    blas = preload_fast_blas()
+    import mlx_paligemma as mp  # noqa: I001  first: it preloads the fast BLAS before mlx.core
     import mlx.core as mx
     import numpy as np
 
-    import mlx_paligemma as mp
+    blas = mp.blas.blas_report()["mlx_blas"]
 
     tic = time.perf_counter()
     m, processor = mp.load(model, dtype=dtype)

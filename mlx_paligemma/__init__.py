@@ -11,6 +11,8 @@ and their KV cache; `generation.py` is the library's generation loop (`generate`
 `commands/generate.py`, `quantize.py` and `doctor.py`.
 """
 
+# First, before anything imports mlx.core: importing blas loads a fast BLAS for MLX's CPU backend on Linux.
+from . import blas  # noqa: F401  (isort keeps it first)
 from .errors import CheckpointError, ConfigError, MissingDependencyError, PaliGemmaError, ProcessorError
 from .generation import (
     GenerationChunk,

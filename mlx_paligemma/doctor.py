@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .blas import ENV_VAR, blas_report
 from .cli import ArgumentParser, main_entry
 
 # Normalised error max|out - ref| / max(1, max|ref|) allowed per check. float32 kernels land near
@@ -50,13 +51,9 @@ class Result:
 
 # -- environment ------------------------------------------------------------------------------
 def mlx_info() -> dict[str, str]:
-    """Run before torch is imported: the libraries that appear in /proc/self/maps while MLX
-    imports and runs a matmul are MLX's own (numpy, loaded earlier, brings its own BLAS)."""
-    before = mapped_libraries()
+    """MLX's version and device, and on Linux which BLAS its CPU matmuls use (`blas.blas_report`)."""
     import mlx.core as mx
 
-    a = mx.ones((128, 128))
-    mx.eval(a @ a)
     device = mx.default_device()
     if device == mx.gpu:
         cuda = getattr(mx, "cuda", None)
@@ -65,33 +62,26 @@ def mlx_info() -> dict[str, str]:
         kind = "CPU"
     info = {"mlx": f"{mx.__version__}, default device: {kind}"}
     if sys.platform.startswith("linux"):
-        info["mlx BLAS"] = describe_blas(mapped_libraries() - before)
+        info["mlx BLAS"] = describe_blas(blas_report())
     return info
 
 
-def mapped_libraries() -> set[str]:
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return set()
-    return {line.split()[-1] for line in lines if len(line.split()) >= 6 and ".so" in line.split()[-1]}
-
-
-def describe_blas(libraries: set[str]) -> str:
-    kinds = []
-    for path in sorted(libraries):
-        name = Path(path).name.lower()
-        if "mkl" in name:
-            kinds.append(f"Intel MKL ({Path(path).name})")
-        elif "openblas" in path.lower():
-            kinds.append(f"OpenBLAS ({Path(path).name})")
-        elif "flexiblas" in name:
-            kinds.append(f"FlexiBLAS ({Path(path).name})")
-        elif "blis" in name:
-            kinds.append(f"BLIS ({Path(path).name})")
-        elif name.startswith("libblas"):
-            kinds.append(f"reference BLAS, unoptimised: slow CPU matmuls ({Path(path).name})")
-    return "; ".join(kinds) or "no BLAS library loaded by MLX (built in, or already loaded by numpy)"
+def describe_blas(report: dict) -> str:
+    """One line: the BLAS MLX uses, and what to do when it is the slow one."""
+    names = {"mkl": "Intel MKL", "openblas": "OpenBLAS", "reference": "reference BLAS, unoptimised: slow CPU matmuls"}
+    line = names.get(report["mlx_blas"], report["mlx_blas"])
+    if report["preloaded"]:
+        line += f" (preloaded by mlx_paligemma: {Path(report['preloaded']).name})"
+    if report["too_late"]:
+        line += "; mlx.core was imported before mlx_paligemma, too late to preload: import mlx_paligemma first"
+    elif report["mlx_blas"] == "reference":
+        if report["requested"] == "off":
+            line += f"; {ENV_VAR}=off keeps it"
+        else:
+            line += "; pip install mkl (Linux x86_64) or apt-get install libopenblas0 for ~100x faster matmuls"
+    if report["error"]:
+        line += f"; {report['error']}"
+    return line
 
 
 def torch_installed() -> bool:

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .accel import generation_session, generation_stream, on_stream
 from .errors import PaliGemmaError
 from .processor import ImageInput, Processor, check_image_tokens
 from .sampling import make_repetition_penalty, make_sampler
@@ -68,18 +69,22 @@ class MLXRunner:
     def __init__(self, model: nn.Module):
         self.model = model
         self.cache = None
+        self.stream = generation_stream()  # a dedicated stream on Apple silicon, as mlx-lm; None on the CPU
 
     def encode_image(self, pixel_values: np.ndarray) -> mx.array:
-        features = self.model.encode_image(mx.array(pixel_values))
-        mx.eval(features)
+        with on_stream(self.stream):
+            features = self.model.encode_image(mx.array(pixel_values))
+            mx.eval(features)
         return features
 
     def prefill(self, input_ids: np.ndarray, features: mx.array, attention_mask: np.ndarray) -> mx.array:
-        self.cache = self.model.make_cache(attention_mask)
-        return self.model.prefill(input_ids, features, self.cache)
+        with on_stream(self.stream):
+            self.cache = self.model.make_cache(attention_mask)
+            return self.model.prefill(input_ids, features, self.cache)
 
     def step(self, tokens: mx.array) -> mx.array:
-        return self.model.decode_step(tokens, self.cache)
+        with on_stream(self.stream):
+            return self.model.decode_step(tokens, self.cache)
 
     @staticmethod
     def concat_features(features: Sequence[mx.array]) -> mx.array:
@@ -286,7 +291,13 @@ def stream_generate(
     model: Any, processor: Processor, image: Union[ImageInput, ImageEmbedding], prompt: str, **kwargs
 ) -> Iterator[GenerationChunk]:
     """Stream the answer to one prompt about one image, chunk by chunk (same options as `generate`)."""
-    return _stream_batch(model, processor, [image], [prompt], **kwargs)
+    return _in_session(model, _stream_batch(model, processor, [image], [prompt], **kwargs))
+
+
+def _in_session(model: Any, chunks: Iterator[GenerationChunk]) -> Iterator[GenerationChunk]:
+    """The chunks, generated inside the device's session (Apple silicon: wired limit, cache cleared after)."""
+    with generation_session(model):
+        yield from chunks
 
 
 def generate(
@@ -320,7 +331,7 @@ def generate(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
-    results = collect_results(processor, chunks, sizes)
+    results = collect_results(processor, _in_session(model, chunks), sizes)
     return results if batched else results[0]
 
 

@@ -33,14 +33,27 @@ def parse_dtype(dtype: Optional[str]) -> Optional[mx.Dtype]:
 
 
 def load(path_or_repo_id: str | os.PathLike, dtype: Optional[str] = None) -> tuple[Model, Processor]:
-    """Load a PaliGemma 1 or 2 checkpoint; compute in the checkpoint's dtype unless `dtype` is given."""
+    """Load a PaliGemma 1 or 2 checkpoint, computing in the dtype that is fast on the device.
+
+    Without `dtype`: on the GPU the checkpoint's dtype, end to end; on the CPU float32 for bf16/f16
+    checkpoints, because MLX's CPU half-precision kernels are scalar (float32 uses the BLAS, ~10-50x
+    faster). The cast happens per tensor while loading: there is never a second copy. `dtype` wins.
+    """
     model_dir = resolve_model_dir(path_or_repo_id)
-    model = load_model(model_dir, dtype)
+    model = load_model(model_dir, dtype, float32_on_cpu=True)
     return model, Processor.from_dir(model_dir, model.config, to_array=mx.array)
 
 
-def load_model(model_dir: str | os.PathLike, dtype: Optional[str] = None, lazy: bool = False) -> Model:
-    """The MLX model alone, from a local checkpoint directory.
+def on_cpu() -> bool:
+    """Whether MLX computes on the CPU (Linux, or a Mac with the CPU device chosen)."""
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
+def load_model(
+    model_dir: str | os.PathLike, dtype: Optional[str] = None, lazy: bool = False, *, float32_on_cpu: bool = False
+) -> Model:
+    """The MLX model alone, from a local checkpoint directory, in the checkpoint's dtype unless `dtype` is
+    given (or, with `float32_on_cpu`, float32 when the default device is the CPU: what `load()` does).
 
     `lazy=True` leaves every weight unevaluated: a tensor is read from disk only when something
     evaluates it. The quantize tool relies on this to convert a few tensors at a time, so its peak
@@ -67,6 +80,8 @@ def load_model(model_dir: str | os.PathLike, dtype: Optional[str] = None, lazy: 
 
     if compute_dtype is None:  # the norm weight is float in float and quantized checkpoints alike
         compute_dtype = weights["language_model.norm.weight"].dtype
+        if float32_on_cpu and on_cpu():
+            compute_dtype = mx.float32
     weights = {k: v.astype(compute_dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     del weights

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import mlx_paligemma  # noqa: F401  first, before any test module imports mlx.core: MLX gets the fast BLAS
 from tools.make_tiny_checkpoint import make_tiny_checkpoint
 
 

@@ -90,12 +90,19 @@ def test_dtype_argument(pg1_dir):
         mp.load(pg1_dir, dtype="float64")
 
 
-def test_checkpoint_dtype_is_the_default(tmp_path):
+def test_default_dtype_is_fast_on_the_device(tmp_path):
+    """A bf16 checkpoint computes in float32 on the CPU (MLX's CPU bf16 kernels are scalar), in bf16 on
+    the GPU; `load_model` alone and an explicit dtype keep what they are given."""
+    from mlx_paligemma.load import load_model
     from tools.make_tiny_checkpoint import make_tiny_checkpoint
 
     d = make_tiny_checkpoint(tmp_path / "bf16", version=2, dtype="bfloat16")
     model, _ = mp.load(d)
-    assert model.language_model.embed_tokens.weight.dtype == mx.bfloat16
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    assert model.language_model.embed_tokens.weight.dtype == (mx.float32 if on_cpu else mx.bfloat16)
+    assert model.dtype == model.vision_tower.embeddings.patch_embedding.weight.dtype
+    assert load_model(d).dtype == mx.bfloat16
+    assert mp.load(d, dtype="bfloat16")[0].dtype == mx.bfloat16
 
 
 def test_missing_tensor(pg1_dir, tmp_path):

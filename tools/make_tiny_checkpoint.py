@@ -8,6 +8,7 @@ appended to the sentencepiece vocabulary, `<image>` just outside it, vocabulary 
 Usable as a module (`make_tiny_checkpoint`, `verify_processor`, `verify_transformers_load`) and as a CLI:
 
     python tools/make_tiny_checkpoint.py OUT_DIR [--version 2] [--layout transformers] [--verify]
+    python tools/make_tiny_checkpoint.py OUT_DIR --preset mid|3b [--dtype bfloat16]   # benchmark sizes
 """
 
 from __future__ import annotations
@@ -756,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", type=int, choices=(1, 2), default=1)
     parser.add_argument("--layout", choices=LAYOUTS, default="hub")
     parser.add_argument("--shards", type=int, default=1)
-    parser.add_argument("--image-size", type=int, default=None, help="56 (224 for --preset 3b)")
+    parser.add_argument("--image-size", type=int, default=None, help="56 (224 for --preset mid and 3b)")
     parser.add_argument("--sliding-window", type=int, default=None)
     sparse = parser.add_mutually_exclusive_group()
     sparse.add_argument(
@@ -779,13 +780,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument(
         "--preset",
-        choices=("3b",),
-        help="random weights with the exact paligemma-3b-pt-224 "
-        "shapes (~5.9 GB in bf16; only --dtype, --seed, --image-size, --force apply)",
+        choices=PRESETS,
+        help="tiny: the default tiny checkpoint; mid: SigLIP-B 224 px + Gemma 1024 x 8 with the real vocabulary "
+        "(1.9 GB in float32); 3b: the exact paligemma-3b-pt-224 shapes (5.9 GB in bf16). Random weights; for mid "
+        "and 3b only --dtype, --seed, --image-size, --force apply",
     )
     args = parser.parse_args(argv)
-    if args.preset == "3b":
-        return _main_3b(args)
+    if args.preset in PRESET_SPECS:
+        return _main_preset(args)
     args.dtype, args.image_size = args.dtype or "float32", args.image_size or 56
 
     start = time.perf_counter()
@@ -829,13 +831,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # --- full-size preset (benchmarks) -------------------------------------------------------------------------
 
 PALIGEMMA_3B = dict(
+    name="paligemma-3b-pt-224",
     vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=14),
     text=dict(
         hidden_size=2048,
@@ -846,13 +845,30 @@ PALIGEMMA_3B = dict(
         head_dim=256,
         vocab_size=257216,
     ),
+    image_token_index=257152,  # the real model's; the random checkpoints use their tokenizer's instead
+)
+# The issue-9 benchmark's mid size: a SigLIP-B-sized tower at 224 px (256 image tokens) and a narrow Gemma 1
+# decoder (width 1024, 8 layers, multi-query attention as in the 3B) with the real 257216-entry vocabulary, so
+# the LM head costs what it really does: 385 M decoder parameters, 470 M in all (1.9 GB in float32).
+PALIGEMMA_MID = dict(
+    name="mid (SigLIP-B/14 224 px + Gemma 1024 x 8)",
+    vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=14),
+    text=dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        vocab_size=257216,
+    ),
     image_token_index=257152,
 )
 
 
-def _paligemma_3b_shapes(image_size: int) -> dict[str, tuple[int, ...]]:
-    """Every tensor of google/paligemma-3b-pt-224 (hub layout), by name."""
-    v, t = PALIGEMMA_3B["vision"], PALIGEMMA_3B["text"]
+def _paligemma_3b_shapes(image_size: int, spec: dict = PALIGEMMA_3B) -> dict[str, tuple[int, ...]]:
+    """Every tensor of google/paligemma-3b-pt-224 (hub layout, or those of another `spec`), by name."""
+    v, t = spec["vision"], spec["text"]
     d, p = v["hidden_size"], v["patch_size"]
     shapes = {
         "vision_tower.vision_model.embeddings.patch_embedding.weight": (d, 3, p, p),
@@ -903,14 +919,16 @@ def make_paligemma_3b_checkpoint(
     *,
     shard_bytes: int = 2 * 1024**3,
     replace: bool = False,
+    spec: dict = PALIGEMMA_3B,
 ) -> Path:
     """A random checkpoint with the exact shapes of google/paligemma-3b-pt-224, for benchmarks.
 
     Written tensor by tensor into shards of at most `shard_bytes`, so memory stays at about one
     shard (the full model is ~5.9 GB in bf16), in a sibling temp dir renamed into place at the
     end (an interrupted build leaves nothing to mistake for a checkpoint). The tiny tokenizer is
-    reused: ids past its vocabulary are unused embedding rows, and `image_token_index` is the real
-    257152 (our processor takes it from config.json; transformers' processor would not match it).
+    reused: ids past its vocabulary are unused embedding rows, and `image_token_index` is the tiny
+    tokenizer's `<image>` id (not the real 257152), so transformers' and mlx-vlm's processors, which
+    take it from the tokenizer, agree with ours, which takes it from config.json.
     """
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not out_dir.is_dir():
@@ -923,7 +941,7 @@ def make_paligemma_3b_checkpoint(
     tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:12]}.tmp"
     tmp.mkdir()
     try:
-        _write_paligemma_3b(tmp, dtype, seed, image_size, shard_bytes)
+        _write_paligemma_3b(tmp, dtype, seed, image_size, shard_bytes, spec)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -933,12 +951,14 @@ def make_paligemma_3b_checkpoint(
     return out_dir
 
 
-def _write_paligemma_3b(out_dir: Path, dtype: str, seed: int, image_size: int, shard_bytes: int) -> None:
+def _write_paligemma_3b(
+    out_dir: Path, dtype: str, seed: int, image_size: int, shard_bytes: int, spec: dict = PALIGEMMA_3B
+) -> None:
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(seed)
-    shapes = _paligemma_3b_shapes(image_size)
-    _write_processor(out_dir, image_size, (image_size // PALIGEMMA_3B["vision"]["patch_size"]) ** 2)
+    shapes = _paligemma_3b_shapes(image_size, spec)
+    image_token_index = _write_processor(out_dir, image_size, (image_size // spec["vision"]["patch_size"]) ** 2)
 
     def random_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if len(shape) == 1:  # SigLIP LayerNorm weights around 1; biases and Gemma's (1 + w) norms around 0
@@ -967,7 +987,7 @@ def _write_paligemma_3b(out_dir: Path, dtype: str, seed: int, image_size: int, s
         weight_map.update(dict.fromkeys(names, file_name))
     total = sum(math.prod(s) for s in shapes.values()) * itemsize
     _write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    v, t = PALIGEMMA_3B["vision"], PALIGEMMA_3B["text"]
+    v, t = spec["vision"], spec["text"]
     num_image_tokens = (image_size // v["patch_size"]) ** 2
     _write_json(
         out_dir / "config.json",
@@ -975,13 +995,14 @@ def _write_paligemma_3b(out_dir: Path, dtype: str, seed: int, image_size: int, s
             "architectures": ["PaliGemmaForConditionalGeneration"],
             "bos_token_id": BOS_ID,
             "eos_token_id": EOS_ID,
-            "hidden_size": 2048,
+            "hidden_size": t["hidden_size"],
             "ignore_index": -100,
-            "image_token_index": PALIGEMMA_3B["image_token_index"],
+            "image_token_index": image_token_index,
             "model_type": "paligemma",
             "pad_token_id": PAD_ID,
             "projection_dim": t["hidden_size"],
             "text_config": {
+                **({"head_dim": t["head_dim"]} if t["head_dim"] != 256 else {}),  # 256: Gemma's default
                 "hidden_size": t["hidden_size"],
                 "intermediate_size": t["intermediate_size"],
                 "model_type": "gemma",
@@ -1016,24 +1037,64 @@ def _write_paligemma_3b(out_dir: Path, dtype: str, seed: int, image_size: int, s
     )
 
 
-def _main_3b(args: argparse.Namespace) -> int:
-    """`--preset 3b` of the CLI (main() dispatches here)."""
-    start = time.perf_counter()
-    try:
-        out_dir = make_paligemma_3b_checkpoint(
-            args.out_dir,
-            dtype=args.dtype or "bfloat16",
-            seed=args.seed,
-            image_size=args.image_size or 224,
-            replace=args.force,
+PRESETS = ("tiny", "mid", "3b")
+PRESET_SPECS = {"mid": PALIGEMMA_MID, "3b": PALIGEMMA_3B}
+PRESET_DTYPES = {"tiny": "float32", "mid": "float32", "3b": "bfloat16"}
+
+
+def build_preset(
+    name: str, out_dir, dtype: str | None = None, seed: int = 0, *, image_size: int | None = None, replace: bool = False
+) -> Path:
+    """A random checkpoint of a named size, for benchmarks: "tiny" (the tests' PaliGemma 1, a few hundred kB),
+    "mid" (`PALIGEMMA_MID`, 1.9 GB in float32) or "3b" (paligemma-3b-pt-224's exact shapes, 5.9 GB in bf16).
+
+    mid and 3b are written tensor by tensor (seconds, memory about one shard). Default dtypes: float32,
+    float32, bfloat16 (as the real 3B ships). Returns the absolute path.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    dtype = dtype or PRESET_DTYPES[name]
+    if name == "tiny":
+        options = _resolve_options(
+            version=1,
+            layout="hub",
+            shards=1,
+            image_size=image_size or 56,
+            sliding_window=None,
+            sparse_config=None,
+            dtype=dtype,
+            seed=seed,
+            weight_scale=1.0,
         )
-    except (FileExistsError, ValueError) as error:
+        return _build_atomically(Path(out_dir), replace, options)
+    return make_paligemma_3b_checkpoint(
+        out_dir, dtype=dtype, seed=seed, image_size=image_size or 224, replace=replace, spec=PRESET_SPECS[name]
+    )
+
+
+def _main_preset(args: argparse.Namespace) -> int:
+    """`--preset mid|3b` of the CLI (main() dispatches here)."""
+    start = time.perf_counter()
+    dtype = args.dtype or PRESET_DTYPES[args.preset]
+    try:
+        out_dir = build_preset(
+            args.preset, args.out_dir, dtype=dtype, seed=args.seed, image_size=args.image_size, replace=args.force
+        )
+    except FileExistsError as error:
+        hint = " (use --force to replace it)" if args.out_dir.is_dir() else ""
+        print(f"error: {error}{hint}", file=sys.stderr)
+        return 2
+    except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors")) / 1e9
     print(out_dir)
     print(
-        f"paligemma-3b-pt-224 shapes, random weights, {args.dtype or 'bfloat16'}, {size:.2f} GB, "
+        f"{PRESET_SPECS[args.preset]['name']} shapes, random weights, {dtype}, {size:.2f} GB, "
         f"seed {args.seed}, built in {time.perf_counter() - start:.0f}s"
     )
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

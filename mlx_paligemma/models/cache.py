@@ -121,6 +121,7 @@ class PrefixLMCache:
             LayerCache(self.window if config.is_sliding(i) else None) for i in range(config.num_hidden_layers)
         ]
         self.attention_mask: Optional[mx.array] = None  # (B, positions so far)
+        self.padded = True  # whether any row has padding (known after the prefill)
         # The prefill's padding mask, when known before the prefill (the generation loop's case).
         self.prefill_mask = attention_mask  # converted by the model like any input
 
@@ -144,6 +145,20 @@ class PrefixLMCache:
         self.attention_mask = (
             attention_mask if start == 0 else mx.concatenate([self.attention_mask, attention_mask], axis=1)
         )
+        if start == 0:  # read once, at the prefill: an input the caller gave, not a computed result
+            self.padded = not bool(mx.all(attention_mask).item())
+        elif new == 1 and not self.padded:
+            # Decode hot path: one suffix query and no padding, so every held key is visible to it in
+            # full layers, and in sliding ones while they hold fewer positions than the window. The
+            # all-True mask is the same as none; skip building it every step.
+            sliding_open = self.window is None or self._sliding_slots() < self.window
+            if sliding_open:
+                return {"full": None, "sliding": None}
+            masks = {"full": None}
+            keys = mx.arange(start - self._sliding_slots(), start + new)
+            query = mx.arange(start, start + new)
+            masks["sliding"] = prefix_lm_masks(self.attention_mask, None, self.window, query, keys)["sliding"]
+            return masks
         types = token_type_ids if start == 0 else None
         query = mx.arange(start, start + new)
         every = mx.arange(start + new)
