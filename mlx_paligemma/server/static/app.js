@@ -79,7 +79,7 @@ function draw() {
   const ctx = canvas.getContext("2d");
   const img = state.image;
   if (!img) return;
-  const scale = Math.min(1, 720 / img.naturalWidth, 720 / img.naturalHeight);
+  const scale = Math.min(4, 640 / img.naturalWidth, 520 / img.naturalHeight); // small images shown larger
   canvas.width = Math.round(img.naturalWidth * scale);
   canvas.height = Math.round(img.naturalHeight * scale);
   ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
