@@ -48,12 +48,13 @@ def build_model(args: argparse.Namespace, workdir: Path) -> tuple[str, str]:
         path = tiny.make_tiny_checkpoint(workdir / "tiny", version=2, layout="transformers", weight_scale=0.5, seed=7)
         return str(path), "tiny PaliGemma 2 (tools.make_tiny_checkpoint, 56 px, width 64)"
     build_preset = getattr(tiny, "build_preset", None)
-    if build_preset is None:
-        raise SystemExit(
-            f"bench_server: error: tools.make_tiny_checkpoint has no build_preset() here, so --preset {args.preset} "
-            "cannot be built: pass --model DIR (or --preset tiny)"
-        )
-    return str(build_preset(args.preset, workdir / args.preset)), f"preset {args.preset}"
+    if build_preset is not None:
+        return str(build_preset(args.preset, workdir / args.preset)), f"preset {args.preset}"
+    if args.preset == "mid":  # until the presets move into tools.make_tiny_checkpoint
+        from benchmarks.bench_generate import build_preset as bench_preset
+
+        return str(bench_preset("mid", workdir)), "preset mid (benchmarks.bench_generate.build_preset)"
+    raise SystemExit(f"bench_server: error: no builder for --preset {args.preset}: pass --model DIR")
 
 
 def start_server(model: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
@@ -62,7 +63,14 @@ def start_server(model: str, args: argparse.Namespace) -> tuple[subprocess.Popen
     if mkl and "LD_PRELOAD" not in env:
         env["LD_PRELOAD"] = mkl
     cmd = [sys.executable, "-m", "mlx_paligemma.server", "--model", model, "--port", "0"]
-    cmd += ["--max-batch", str(args.max_batch), "--log-level", "warning"]
+    cmd += [
+        "--max-batch",
+        str(args.max_batch),
+        "--batch-window-ms",
+        str(args.batch_window_ms),
+        "--log-level",
+        "warning",
+    ]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
@@ -143,6 +151,11 @@ def run_level(base: str, concurrency: int, requests: int, urls: list[str], max_t
         "p50_latency_s": round(statistics.median(latencies), 3),
         "p95_latency_s": round(q[18], 3),
         "mean_batch": round(requests / max(batches, 1), 2),
+        "batch_sizes": {
+            k: v - stats_before["batch_sizes"].get(k, 0)
+            for k, v in after["batch_sizes"].items()
+            if v > stats_before["batch_sizes"].get(k, 0)
+        },
         "mean_completion_tokens": round(sum(tokens) / len(tokens), 1),
     }
 
@@ -152,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="checkpoint directory (default: build --preset)")
     p.add_argument("--preset", default="mid", help="tools.make_tiny_checkpoint preset to build (mid; tiny)")
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (1,4,16)")
-    p.add_argument("--requests", type=int, default=0, help="requests per level (default: 4 per client, at least 8)")
+    p.add_argument("--requests", type=int, default=0, help="requests per level (default: 2 per client, at least 8)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--batch-window-ms", type=float, default=10.0, help="the server's --batch-window-ms (10)")
     p.add_argument("--image-size", type=int, default=320, help="side of the generated test images (320)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -176,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 ).raise_for_status()
             rows = []
             for c in levels:
-                n = args.requests or max(4 * c, 8)
+                n = args.requests or max(2 * c, 8)
                 with tqdm(total=n, desc=f"{c} clients", unit="req", file=sys.stderr) as bar:
                     rows.append(run_level(base, c, n, urls, args.max_tokens, bar))
         finally:
@@ -186,13 +200,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"model": described, "machine": machine, "max_tokens": args.max_tokens, "rows": rows}))
         return 0
-    print(f"model: {described}; machine: {machine}; greedy, max_tokens {args.max_tokens}, --max-batch {args.max_batch}")
-    print("| clients | requests | req/s | generated tok/s | p50 latency (s) | p95 latency (s) | mean batch |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        f"model: {described}; machine: {machine}; greedy, max_tokens {args.max_tokens}, "
+        f"--max-batch {args.max_batch}, --batch-window-ms {args.batch_window_ms:g}"
+    )
+    print("| clients | requests | req/s | generated tok/s | p50 latency (s) | p95 latency (s) | mean batch | batches |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         print(
             f"| {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['generated_tokens_per_s']:.1f} | "
-            f"{r['p50_latency_s']:.3f} | {r['p95_latency_s']:.3f} | {r['mean_batch']:.1f} |"
+            f"{r['p50_latency_s']:.3f} | {r['p95_latency_s']:.3f} | {r['mean_batch']:.1f} | "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(r["batch_sizes"].items(), key=lambda kv: int(kv[0])))
+            + " |"
         )
     return 0
 

@@ -28,6 +28,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--mask-decoder", metavar="PATH", help="segmentation mask decoder (vae-oid.npz or converted)")
     p.add_argument("--adapter-path", metavar="P", help="LoRA adapters to apply to the model")
     p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default 8)")
+    p.add_argument(
+        "--batch-window-ms", type=float, default=10.0, help="how long a batch that is not full waits for more (10)"
+    )
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV} if set)")
     p.add_argument("--allow-local-files", action="store_true", help="accept file:// image URLs (off: data: URLs only)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: checkpoint's)")
@@ -102,6 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0 <= args.port <= 65535:
         return fail(PROG, f"--port: must be 0..65535, got {args.port}")
+    if args.batch_window_ms < 0:
+        return fail(PROG, f"--batch-window-ms: must be >= 0, got {args.batch_window_ms}")
     if args.max_batch < 1:
         return fail(PROG, f"--max-batch: must be at least 1, got {args.max_batch}")
     if args.max_tokens_limit < 1 or args.max_image_pixels < 1 or args.max_image_mb <= 0 or args.max_body_mb <= 0:
@@ -142,6 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 processor,
                 model_id=model_id,
                 max_batch=args.max_batch,
+                batch_window=args.batch_window_ms / 1000,
                 api_key=api_key,
                 allow_local_files=args.allow_local_files,
                 mask_decoder=mask_decoder,

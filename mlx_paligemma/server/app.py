@@ -421,13 +421,14 @@ def create_app(
     *,
     model_id: str = "paligemma",
     max_batch: int = 8,
+    batch_window: float = 0.01,
     api_key: Optional[str] = None,
     allow_local_files: bool = False,
     mask_decoder: Any = None,
     limits: Optional[Limits] = None,
 ) -> FastAPI:
     """The FastAPI app serving one loaded model (MLX or the torch reference); its worker starts now."""
-    batcher = Batcher(model, processor, max_batch=max_batch)
+    batcher = Batcher(model, processor, max_batch=max_batch, batch_window=batch_window)
     server = Server(batcher, model_id, limits or Limits(), api_key, allow_local_files, mask_decoder)
 
     @contextlib.asynccontextmanager
@@ -478,11 +479,12 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         server.check_key(request)
-        body = await read_json(request, server.limits)
-        options = sampling_options(body, server.limits)
-        prompt, url = chat_prompt(body)
-        image = await server.image(url, "messages")
-        job, events = server.submit(image, prompt, options)
+        with batcher.arriving():
+            body = await read_json(request, server.limits)
+            options = sampling_options(body, server.limits)
+            prompt, url = chat_prompt(body)
+            image = await server.image(url, "messages")
+            job, events = server.submit(image, prompt, options)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": completion_id, "created": created, "model": server.model_id}
         if not options["stream"]:
@@ -529,13 +531,14 @@ def create_app(
         server.check_key(request)
         if task not in TASKS:
             raise ApiError(404, f"unknown task {task!r}: choose from {', '.join(TASKS)}")
-        body = await read_json(request, server.limits)
-        options = sampling_options(body, server.limits)
-        prompt = task_prompt(task, body)
-        if "image" not in body:
-            raise ApiError(400, "image: required (a data: URL)", "image", "missing_image")
-        image = await server.image(body["image"], "image")
-        job, events = server.submit(image, prompt, options)
+        with batcher.arriving():
+            body = await read_json(request, server.limits)
+            options = sampling_options(body, server.limits)
+            prompt = task_prompt(task, body)
+            if "image" not in body:
+                raise ApiError(400, "image: required (a data: URL)", "image", "missing_image")
+            image = await server.image(body["image"], "image")
+            job, events = server.submit(image, prompt, options)
         if not options["stream"]:
             return await server.task_result(task, prompt, await server.result(request, job, events))
 

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -39,6 +40,8 @@ from ..errors import PaliGemmaError
 from ..generation import _stream_batch
 
 log = logging.getLogger("mlx_paligemma.server")
+
+ARRIVAL_WAIT = 0.1  # seconds a batch may wait for requests the HTTP layer is still reading
 
 # Events a job receives, in order: ("delta", text)*, then ("done", JobResult) or ("error", message, status).
 Event = tuple
@@ -133,10 +136,17 @@ class Stats:
 class Batcher:
     """Owns the model: `submit` jobs from any thread; one worker thread runs them in batches."""
 
-    def __init__(self, model: Any, processor: Any, max_batch: int = 8):
+    def __init__(self, model: Any, processor: Any, max_batch: int = 8, batch_window: float = 0.01):
+        """`batch_window` (seconds): how long a batch that is not full waits for more requests. Clients
+        that send their next request as soon as an answer comes back need a few milliseconds to do
+        so; without the wait, the first of them would start a batch of one while the rest queue."""
         if max_batch < 1:
             raise PaliGemmaError(f"max_batch: must be at least 1, got {max_batch}")
+        if batch_window < 0:
+            raise PaliGemmaError(f"batch_window: must be >= 0, got {batch_window}")
         self.model, self.processor, self.max_batch = model, processor, max_batch
+        self.batch_window = batch_window
+        self._arriving = 0  # requests being read and decoded by the HTTP layer, about to be submitted
         self.stats = Stats()
         self._pending: collections.deque[Job] = collections.deque()
         self._calls: collections.deque[tuple[concurrent.futures.Future, Callable, tuple]] = collections.deque()
@@ -152,6 +162,18 @@ class Batcher:
                 raise PaliGemmaError("the server is shutting down")
             self._pending.append(job)
             self._cond.notify()
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Wrap the reading of a request that will be submitted: the next batch waits for it (briefly)."""
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._arriving -= 1
+                self._cond.notify_all()
 
     def call(self, fn: Callable, *args) -> concurrent.futures.Future:
         """Run `fn(*args)` on the worker thread between batches (e.g. the mask decoder, another model)."""
@@ -189,6 +211,15 @@ class Batcher:
         with self._cond:
             while not self._pending and not self._calls and not self._stopping:
                 self._cond.wait()
+            # A batch that is not full waits `batch_window` for more, and longer (up to ARRIVAL_WAIT)
+            # while the HTTP layer is still reading requests that will join it.
+            start = time.monotonic()
+            while 0 < len(self._pending) < self.max_batch and not self._calls and not self._stopping:
+                limit = start + (max(self.batch_window, ARRIVAL_WAIT) if self._arriving else self.batch_window)
+                left = limit - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
             if self._stopping:
                 return [], []
             calls, self._calls = list(self._calls), collections.deque()
