@@ -215,7 +215,7 @@ def test_api_key_is_enforced(pair):
         assert httpx.get(f"{url}/").status_code == 200  # nor the page (which asks for the key)
 
 
-def test_file_urls_need_the_flag(pair, tmp_path, url):
+def test_file_urls_need_the_flag(pair, tmp_path, url, caplog):
     image = noise_image(30, 40, seed=4)
     path = tmp_path / "local.png"
     image.save(path)
@@ -226,8 +226,13 @@ def test_file_urls_need_the_flag(pair, tmp_path, url):
         r = httpx.post(f"{allowed}/v1/chat/completions", json=body)
         assert r.status_code == 200
         assert r.json()["choices"][0]["message"]["content"] == single(pair, path, "caption en").text
-        missing = httpx.post(f"{allowed}/v1/chat/completions", json=chat_body((tmp_path / "no.png").as_uri(), "x"))
-        assert missing.status_code == 400
+        caplog.set_level(logging.WARNING, logger="mlx_paligemma.server")
+        caplog.clear()
+        odd = (tmp_path / "no\nsuch.png").as_uri()  # a newline in the path must not split the log line
+        missing = httpx.post(f"{allowed}/v1/chat/completions", json=chat_body(odd, "x"))
+        assert missing.status_code == 400 and "no\nsuch.png" in missing.json()["error"]["message"]
+        logged = [r.getMessage() for r in caplog.records if r.name == "mlx_paligemma.server"]
+        assert len(logged) == 1 and "\n" not in logged[0] and "no\\nsuch" in logged[0]
 
 
 def test_concurrent_requests_run_in_batches_and_equal_single_runs(url, app, pair):
@@ -262,6 +267,28 @@ def test_concurrent_requests_run_in_batches_and_equal_single_runs(url, app, pair
         assert answer["choices"][0]["message"]["content"] == expected.text
         assert answer["usage"]["completion_tokens"] == len(expected.token_ids)
         assert answer["timings"]["batch_size"] == 8
+
+
+def test_seeded_sampling_runs_alone_and_is_reproducible(url, app, pair):
+    """Two sampled requests with seeds queue together but run as batches of one, each equal to its single run."""
+    image = noise_image(36, 36, seed=12)
+    batcher = app.state.batcher
+    before = batcher.snapshot()["batches"]
+    release = threading.Event()
+    held = batcher.call(release.wait)
+    body = chat_body(data_url(image), "caption en", max_tokens=TOKENS, temperature=1.5, seed=11)
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=60) for _ in range(2)]
+        while batcher.queued() < 2:
+            time.sleep(0.01)
+        release.set()
+        texts = [f.result().json()["choices"][0]["message"]["content"] for f in futures]
+    held.result()
+    stats = batcher.snapshot()
+    assert stats["batches"] - before == 2 and stats["recent_batch_sizes"][-2:] == [1, 1]
+    expected = mp.generate(*pair, image, "caption en", max_tokens=TOKENS, temperature=1.5, seed=11).text
+    assert texts == [expected, expected]
+    assert expected != single(pair, image, "caption en").text  # it really sampled
 
 
 def test_a_disconnected_stream_frees_its_row(pair):

@@ -78,6 +78,8 @@ def _client(request: Request) -> str:
 
 
 def _log_refusal(request: Request, status: int, message: str) -> None:
+    """One line per refused request (newlines a client smuggled into a path or name are escaped)."""
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
     log.warning("%s %s %s -> %d %s", _client(request), request.method, request.url.path, status, message)
 
 
@@ -401,9 +403,13 @@ class Server:
             out["detections"] = [d.to_dict() for d in parse_detections(result.text, result.image_size)]
         elif task == "segment":
             # The decoder is a model too: it runs on the worker thread, between batches.
-            out["segmentations"] = await asyncio.wrap_future(
-                self.batcher.call(self.segmentations, result.text, result.image_size)
-            )
+            try:
+                out["segmentations"] = await asyncio.wrap_future(
+                    self.batcher.call(self.segmentations, result.text, result.image_size)
+                )
+            except Exception as e:  # noqa: BLE001 -- one object's failure must not take the answer down
+                log.exception("mask decoding failed")
+                raise ApiError(500, f"decoding the segmentation masks failed ({type(e).__name__}: {e})") from None
             out["masks"] = self.mask_decoder is not None
         return out
 
@@ -547,7 +553,13 @@ def create_app(
                 if event[0] == "delta":
                     yield _sse({"delta": event[1]})
                 elif event[0] == "done":
-                    yield _sse({"result": await server.task_result(task, prompt, event[1])})
+                    try:
+                        yield _sse({"result": await server.task_result(task, prompt, event[1])})
+                    except ApiError as e:
+                        _log_refusal(request, e.status, e.message)
+                        yield _sse(
+                            {"error": {"message": e.message, "type": "server_error", "param": None, "code": None}}
+                        )
                 else:
                     _log_refusal(request, event[2], event[1])
                     yield _sse({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
