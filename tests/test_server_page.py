@@ -106,3 +106,72 @@ def test_page_shows_a_refusal(browser, served, tmp_path):
     page.wait_for_function("document.getElementById('error').textContent.length > 0")
     assert "labels" in page.inner_text("#error")
     page.close()
+
+
+def scripted_stream(text: str):
+    """A stand-in for the batched generation that answers `text` (token by token) to every row."""
+    from mlx_paligemma.generation import GenerationChunk, GenerationStats
+
+    def stream(model, processor, images, prompts, max_tokens=100, **kwargs):
+        tok = processor.tokenizer
+        pieces = [p for p in text.replace(">", "> ").split(" ") if p]
+        ids = [tok.piece_to_id(p) if p.startswith("<") else tok.encode(" " + p)[0] for p in pieces]
+        stats = GenerationStats(batch_size=len(prompts), prompt_tokens=10)
+        for token in ids:
+            for b in range(len(prompts)):
+                yield GenerationChunk(processor.decode([token]), token, b, None, stats)
+        for b in range(len(prompts)):
+            yield GenerationChunk("", tok.eos_id, b, "stop", stats)
+
+    return stream
+
+
+def test_page_draws_boxes_and_masks(browser, served, tmp_path, monkeypatch):
+    """A segmentation answer (scripted: a random model rarely writes one) is drawn: box, label, tinted mask."""
+    import numpy as np
+
+    from mlx_paligemma.server import batcher as batcher_module
+
+    url, pair = served
+    codes = "".join(f"<seg{i:03d}>" for i in range(16))
+    answer = f"<loc0256><loc0128><loc0768><loc0640>{codes} cat"
+    monkeypatch.setattr(batcher_module, "_stream_batch", scripted_stream(answer))
+
+    class Seg:  # what issue 11's parse_segmentations returns: the box's lower half is the mask
+        def __init__(self, box, size):
+            w, h = size
+            self.label, self.box, self.codes = "cat", box, list(range(16))
+            self.mask = np.zeros((h, w), bool)
+            self.mask[int((box[1] + box[3]) / 2) : int(box[3]), int(box[0]) : int(box[2])] = True
+
+    def parse_segmentations(text, image_size, decoder):
+        return [Seg(d.box, image_size) for d in mp.parse_detections(text, image_size)]
+
+    monkeypatch.setattr(mp, "parse_segmentations", parse_segmentations, raising=False)
+    image_path = tmp_path / "grey.png"
+    from PIL import Image
+
+    Image.new("RGB", (200, 160), (128, 128, 128)).save(image_path)
+    with live_server(create_app(*pair, model_id="scripted", mask_decoder="fake")) as seg_url:
+        page = browser.new_page()
+        page.goto(seg_url + "/")
+        page.set_input_files("#file", str(image_path))
+        page.select_option("#task", "segment")
+        page.fill("#text", "cat")
+        page.wait_for_function("!document.getElementById('run').disabled")
+        page.click("#run")
+        page.wait_for_function("document.getElementById('speed').textContent.includes('decode')", timeout=30_000)
+        assert page.inner_text("#answer") == answer
+        assert "cat [25, 40, 125, 120]" in page.inner_text("#objects")  # bins / 1024 of 200x160
+        # Canvas pixels, in image coordinates scaled to the canvas: inside the mask tinted, above it grey.
+        pixel = """([x, y]) => { const c = document.getElementById('canvas');
+            const s = c.width / 200; return Array.from(c.getContext('2d').getImageData(x * s, y * s, 1, 1).data); }"""
+        in_mask, above_mask, outside = (page.evaluate(pixel, xy) for xy in ([75, 100], [75, 60], [180, 20]))
+        assert outside[:3] == [128, 128, 128]
+        assert above_mask[:3] == [128, 128, 128]
+        assert in_mask[:3] != [128, 128, 128]
+        shot = tmp_path / "server-page-segment.png"
+        page.screenshot(path=str(shot), full_page=True)
+        if ARTIFACTS.is_dir():
+            shutil.copy(shot, ARTIFACTS / "server-page-segment.png")
+        page.close()
