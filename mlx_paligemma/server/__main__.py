@@ -153,6 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 mask_decoder=mask_decoder,
                 limits=limits,
             )
+            app.state.batcher.warm_up()
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
             print(

@@ -185,6 +185,14 @@ class Batcher:
             self._cond.notify()
         return future
 
+    def warm_up(self) -> None:
+        """One token of a blank image, so the first user's request does not pay for imports and
+        first-call setup (several seconds: mlx-lm's sampler import pulls in transformers)."""
+        blank = Image.new("RGB", (self.processor.image_size, self.processor.image_size))
+        self.call(
+            lambda: list(_stream_batch(self.model, self.processor, [blank], ["caption en"], max_tokens=1))
+        ).result()
+
     def queued(self) -> int:
         with self._cond:
             return len(self._pending)
