@@ -196,6 +196,23 @@ def test_bad_request_gets_its_status(url, caplog, path, body, status, needle):
     assert httpx.get(f"{url}/health").status_code == 200  # and the server lives on
 
 
+def test_a_full_queue_is_a_503(pair):
+    app = create_app(*pair, limits=Limits(max_queued=1))
+    batcher = app.state.batcher
+    release = threading.Event()
+    held = batcher.call(release.wait)
+    body = chat_body(GOOD, "caption en", max_tokens=2)
+    with live_server(app) as url, ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=60)
+        while batcher.queued() < 1:
+            time.sleep(0.01)
+        busy = httpx.post(f"{url}/v1/chat/completions", json=body)
+        release.set()
+        assert busy.status_code == 503 and "busy" in busy.json()["error"]["message"]
+        assert waiting.result().status_code == 200
+    held.result()
+
+
 def test_wrong_method_is_a_json_405(url):
     r = httpx.get(f"{url}/v1/chat/completions")
     assert r.status_code == 405 and "error" in r.json()

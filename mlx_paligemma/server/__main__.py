@@ -38,6 +38,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-image-mb", type=float, default=20.0, help="largest image file, in MB (20)")
     p.add_argument("--max-image-pixels", type=int, default=36_000_000, help="largest image, in pixels (36M)")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body, in MB (32)")
+    p.add_argument("--max-queued", type=int, default=256, help="requests waiting beyond this get 503 (256)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -109,6 +110,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return fail(PROG, f"--batch-window-ms: must be >= 0, got {args.batch_window_ms}")
     if args.max_batch < 1:
         return fail(PROG, f"--max-batch: must be at least 1, got {args.max_batch}")
+    if args.max_queued < 1:
+        return fail(PROG, f"--max-queued: must be at least 1, got {args.max_queued}")
     if args.max_tokens_limit < 1 or args.max_image_pixels < 1 or args.max_image_mb <= 0 or args.max_body_mb <= 0:
         return fail(PROG, "--max-tokens-limit, --max-image-pixels, --max-image-mb and --max-body-mb must be positive")
     try:
@@ -141,6 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 max_image_pixels=args.max_image_pixels,
                 max_tokens=args.max_tokens_limit,
                 default_max_tokens=min(100, args.max_tokens_limit),
+                max_queued=args.max_queued,
             )
             app = create_app(
                 model,

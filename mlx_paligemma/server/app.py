@@ -54,6 +54,7 @@ class Limits:
     max_image_pixels: int = 6000 * 6000
     max_tokens: int = 1024  # the most a request may ask for
     default_max_tokens: int = 100
+    max_queued: int = 256  # requests waiting for a batch (each holds its decoded image); then 503
 
 
 class ApiError(Exception):
@@ -434,8 +435,9 @@ def create_app(
     limits: Optional[Limits] = None,
 ) -> FastAPI:
     """The FastAPI app serving one loaded model (MLX or the torch reference); its worker starts now."""
-    batcher = Batcher(model, processor, max_batch=max_batch, batch_window=batch_window)
-    server = Server(batcher, model_id, limits or Limits(), api_key, allow_local_files, mask_decoder)
+    limits = limits or Limits()
+    batcher = Batcher(model, processor, max_batch=max_batch, batch_window=batch_window, max_queued=limits.max_queued)
+    server = Server(batcher, model_id, limits, api_key, allow_local_files, mask_decoder)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -136,7 +136,9 @@ class Stats:
 class Batcher:
     """Owns the model: `submit` jobs from any thread; one worker thread runs them in batches."""
 
-    def __init__(self, model: Any, processor: Any, max_batch: int = 8, batch_window: float = 0.01):
+    def __init__(
+        self, model: Any, processor: Any, max_batch: int = 8, batch_window: float = 0.01, max_queued: int = 256
+    ):
         """`batch_window` (seconds): how long a batch that is not full waits for more requests. Clients
         that send their next request as soon as an answer comes back need a few milliseconds to do
         so; without the wait, the first of them would start a batch of one while the rest queue."""
@@ -145,7 +147,7 @@ class Batcher:
         if batch_window < 0:
             raise PaliGemmaError(f"batch_window: must be >= 0, got {batch_window}")
         self.model, self.processor, self.max_batch = model, processor, max_batch
-        self.batch_window = batch_window
+        self.batch_window, self.max_queued = batch_window, max_queued
         self._arriving = 0  # requests being read and decoded by the HTTP layer, about to be submitted
         self.stats = Stats()
         self._pending: collections.deque[Job] = collections.deque()
@@ -160,6 +162,8 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 raise PaliGemmaError("the server is shutting down")
+            if len(self._pending) >= self.max_queued:
+                raise PaliGemmaError(f"the server is busy ({len(self._pending)} requests waiting): try again later")
             self._pending.append(job)
             self._cond.notify()
 
