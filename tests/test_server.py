@@ -325,6 +325,13 @@ def test_a_disconnected_stream_frees_its_row(pair):
         assert stats["cancelled_rows"] == 1 and stats["requests_completed"] == 0
         ok = httpx.post(f"{url}/v1/chat/completions", json=chat_body(GOOD, "caption en", max_tokens=2))
         assert ok.status_code == 200
+        # The same without streaming: the client gives up waiting and closes the connection.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, timeout=httpx.Timeout(60, read=1))
+        deadline = time.monotonic() + 20
+        while batcher.snapshot()["cancelled_rows"] == 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert batcher.snapshot()["cancelled_rows"] == 2 and batcher.snapshot()["requests_completed"] == 1
 
 
 def test_task_endpoints_return_structured_results(url, pair):

@@ -345,19 +345,23 @@ class Server:
 
     async def result(self, request: Request, job: Job, events: asyncio.Queue) -> JobResult:
         """Wait for the whole answer; a client that goes away cancels its job."""
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         try:
             while True:
                 try:
                     event = await asyncio.wait_for(events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancel()
-                        raise ApiError(499, "client closed the request") from None
-                    continue
+                    event = ("waiting",)
                 if event[0] == "done":
                     return event[1]
                 if event[0] == "error":
                     raise ApiError(event[2], event[1])
+                if loop.time() - checked >= 0.5:  # text keeps coming: look at the connection now and then
+                    checked = loop.time()
+                    if await request.is_disconnected():
+                        job.cancel()
+                        raise ApiError(499, "client closed the request")
         finally:
             job.cancel()  # no-op once finished; frees the row if we are being cancelled
 
