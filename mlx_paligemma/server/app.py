@@ -379,7 +379,7 @@ class Server:
     def segmentations(self, text: str, image_size: tuple[int, int]) -> list[dict]:
         """Boxes and codes always; masks (COCO RLE) when a mask decoder is loaded (issue 11's API)."""
         if self.mask_decoder is None:
-            return [{**d.to_dict(), "mask": None} for d in parse_detections(text, image_size)]
+            return [{**d.to_dict(), "seg_codes": d.seg_codes, "mask": None} for d in parse_detections(text, image_size)]
         from .. import parse_segmentations
 
         return [
@@ -406,8 +406,11 @@ class Server:
         }
         if task == "detect":
             out["detections"] = [d.to_dict() for d in parse_detections(result.text, result.image_size)]
+        elif task == "segment" and self.mask_decoder is None:
+            out["segmentations"], out["masks"] = self.segmentations(result.text, result.image_size), False
         elif task == "segment":
-            # The decoder is a model too: it runs on the worker thread, between batches.
+            # The decoder is a model too: it runs on the worker thread, between batches (the one thread
+            # that touches MLX, so no two threads ever evaluate at once).
             try:
                 out["segmentations"] = await asyncio.wrap_future(
                     self.batcher.call(self.segmentations, result.text, result.image_size)
@@ -415,7 +418,7 @@ class Server:
             except Exception as e:  # noqa: BLE001 -- one object's failure must not take the answer down
                 log.exception("mask decoding failed")
                 raise ApiError(500, f"decoding the segmentation masks failed ({type(e).__name__}: {e})") from None
-            out["masks"] = self.mask_decoder is not None
+            out["masks"] = True
         return out
 
 
