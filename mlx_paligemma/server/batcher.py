@@ -209,11 +209,11 @@ class Batcher:
         with self._cond:
             self._stopping = True
             waiting, self._pending = list(self._pending), collections.deque()
+            calls, self._calls = list(self._calls), collections.deque()
             self._cond.notify_all()
         for job in waiting:
             job.emit(("error", "the server is shutting down", 503))
-        while self._calls:
-            future, _, _ = self._calls.popleft()
+        for future, _, _ in calls:
             future.cancel()
         self._thread.join(timeout)
 
@@ -227,7 +227,8 @@ class Batcher:
             # while the HTTP layer is still reading requests that will join it.
             start = time.monotonic()
             while 0 < len(self._pending) < self.max_batch and not self._calls and not self._stopping:
-                limit = start + (max(self.batch_window, ARRIVAL_WAIT) if self._arriving else self.batch_window)
+                longer = self._arriving and self.batch_window > 0  # a window of 0 turns all waiting off
+                limit = start + (max(self.batch_window, ARRIVAL_WAIT) if longer else self.batch_window)
                 left = limit - time.monotonic()
                 if left <= 0:
                     break
