@@ -33,7 +33,8 @@ ARTIFACTS = Path("/work/artifacts")
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api
+
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (.ci/run does)")
     with sync_api.sync_playwright() as p:
