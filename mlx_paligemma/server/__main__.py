@@ -29,7 +29,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--adapter-path", metavar="P", help="LoRA adapters to apply to the model")
     p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default 8)")
     p.add_argument(
-        "--batch-window-ms", type=float, default=10.0, help="how long a batch that is not full waits for more (10)"
+        "--batch-window-ms",
+        type=float,
+        default=10.0,
+        help="a batch that is not full starts after this long without a new request (10; 0: no wait)",
     )
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV} if set)")
     p.add_argument("--allow-local-files", action="store_true", help="accept file:// image URLs (off: data: URLs only)")

@@ -223,16 +223,19 @@ class Batcher:
         with self._cond:
             while not self._pending and not self._calls and not self._stopping:
                 self._cond.wait()
-            # A batch that is not full waits `batch_window` for more, and longer (up to ARRIVAL_WAIT)
-            # while the HTTP layer is still reading requests that will join it.
-            start = time.monotonic()
+            # A batch that is not full waits while requests keep coming (a quiet `batch_window` ends the
+            # wait) or are still being read by the HTTP layer, never more than ARRIVAL_WAIT in all.
+            start = last = time.monotonic()
+            seen = len(self._pending)
             while 0 < len(self._pending) < self.max_batch and not self._calls and not self._stopping:
-                longer = self._arriving and self.batch_window > 0  # a window of 0 turns all waiting off
-                limit = start + (max(self.batch_window, ARRIVAL_WAIT) if longer else self.batch_window)
-                left = limit - time.monotonic()
-                if left <= 0:
+                now = time.monotonic()
+                if len(self._pending) > seen:
+                    seen, last = len(self._pending), now
+                hard = start + max(self.batch_window, ARRIVAL_WAIT)
+                limit = hard if self._arriving else min(hard, last + self.batch_window)
+                if self.batch_window <= 0 or now >= limit:
                     break
-                self._cond.wait(left)
+                self._cond.wait(limit - now)
             if self._stopping:
                 return [], []
             calls, self._calls = list(self._calls), collections.deque()
