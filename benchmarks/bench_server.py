@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="checkpoint directory (default: build --preset)")
     p.add_argument("--preset", default="mid", help="tools.make_tiny_checkpoint preset to build (mid; tiny)")
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (1,4,16)")
-    p.add_argument("--requests", type=int, default=0, help="requests per level (default: 2 per client, at least 8)")
+    p.add_argument(
+        "--rounds", type=int, default=0, help="requests per client at each level (default: 2, and at least 8 in all)"
+    )
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--batch-window-ms", type=float, default=10.0, help="the server's --batch-window-ms (10)")
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 ).raise_for_status()
             rows = []
             for c in levels:
-                n = args.requests or max(2 * c, 8)
+                n = args.rounds * c if args.rounds > 0 else max(2 * c, 8)
                 with tqdm(total=n, desc=f"{c} clients", unit="req", file=sys.stderr) as bar:
                     rows.append(run_level(base, c, n, urls, args.max_tokens, bar))
         finally:

@@ -154,6 +154,7 @@ class Batcher:
         self._calls: collections.deque[tuple[concurrent.futures.Future, Callable, tuple]] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._running: list[Job] = []
         self._thread = threading.Thread(target=self._work, name="paligemma-batcher", daemon=True)
         self._thread.start()
 
@@ -205,7 +206,7 @@ class Batcher:
         return self.stats.snapshot(self.queued(), self.max_batch)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop taking jobs, fail the waiting ones, and let the running batch finish."""
+        """Stop taking jobs; fail the waiting ones and the running batch's rows (it stops at its next token)."""
         with self._cond:
             self._stopping = True
             waiting, self._pending = list(self._pending), collections.deque()
@@ -213,6 +214,9 @@ class Batcher:
             self._cond.notify_all()
         for job in waiting:
             job.emit(("error", "the server is shutting down", 503))
+        for job in list(self._running):  # the running batch stops at its next token
+            job.emit(("error", "the server is shutting down", 503))
+            job.cancel()
         for future, _, _ in calls:
             future.cancel()
         self._thread.join(timeout)
@@ -264,6 +268,7 @@ class Batcher:
             if not batch:
                 continue
             tic = time.perf_counter()
+            self._running = batch
             try:
                 self._run(batch)
             except PaliGemmaError as e:  # e.g. an image the processor cannot take
@@ -271,6 +276,7 @@ class Batcher:
             except Exception as e:  # noqa: BLE001 -- the worker must outlive any request
                 log.exception("batch of %d failed", len(batch))
                 self._fail(batch, f"internal error while generating ({type(e).__name__})", 500)
+            self._running = []
             with self.stats.lock:
                 self.stats.busy_time += time.perf_counter() - tic
 
