@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": "mlx_paligemma.commands.generate",
     "quantize": "mlx_paligemma.quantize",
     "doctor": "mlx_paligemma.doctor",
+    "server": "mlx_paligemma.server",
 }
 
 PROG = "mlx-paligemma"
