@@ -97,17 +97,19 @@ def images(n: int, size: int) -> list[str]:
     return urls
 
 
-def run_level(base: str, concurrency: int, requests: int, urls: list[str], max_tokens: int, bar) -> dict:
+def run_level(
+    base: str, concurrency: int, requests: int, urls: list[str], max_tokens: int, bar, timeout: float = 1800
+) -> dict:
     import httpx
 
-    stats_before = httpx.get(f"{base}/v1/stats", timeout=30).json()
+    stats_before = httpx.get(f"{base}/v1/stats", timeout=timeout).json()
     latencies: list[float] = []
     tokens: list[int] = []
     lock = threading.Lock()
     counter = iter(range(requests))
 
     def client() -> None:
-        with httpx.Client(timeout=600) as http:
+        with httpx.Client(timeout=timeout) as http:
             while True:
                 with lock:
                     i = next(counter, None)
@@ -139,7 +141,7 @@ def run_level(base: str, concurrency: int, requests: int, urls: list[str], max_t
         for f in [pool.submit(client) for _ in range(concurrency)]:
             f.result()
     wall = time.perf_counter() - tic
-    after = httpx.get(f"{base}/v1/stats", timeout=30).json()
+    after = httpx.get(f"{base}/v1/stats", timeout=timeout).json()
     batches = after["batches"] - stats_before["batches"]
     q = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) > 1 else latencies * 19
     return {
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-window-ms", type=float, default=10.0, help="the server's --batch-window-ms (10)")
     p.add_argument("--image-size", type=int, default=320, help="side of the generated test images (320)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--timeout", type=float, default=1800, help="seconds a client waits for one answer (1800)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             for c in levels:
                 n = args.rounds * c if args.rounds > 0 else max(2 * c, 8)
                 with tqdm(total=n, desc=f"{c} clients", unit="req", file=sys.stderr) as bar:
-                    rows.append(run_level(base, c, n, urls, args.max_tokens, bar))
+                    rows.append(run_level(base, c, n, urls, args.max_tokens, bar, args.timeout))
         finally:
             proc.terminate()
             proc.wait(30)
