@@ -4,8 +4,8 @@
     python -m benchmarks.bench_server --model DIR [--concurrency 1,4,16] [--max-tokens 32]
 
 The server runs as its own process (`python -m mlx_paligemma.server --port 0`, as a user starts
-it); on Linux it gets Intel MKL through LD_PRELOAD when the venv has it (MLX's CPU wheel links a
-slow reference BLAS). Each client is a thread that sends greedy chat completions back to back,
+it; on Linux the package itself loads a fast BLAS for MLX, see mlx_paligemma/blas.py). Each client
+is a thread that sends greedy chat completions back to back,
 each with its own image and prompt. Per concurrency level the table gives requests/s, generated
 tokens/s, p50/p95 latency (send to last byte) and the mean batch size the server reports.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import glob
 import io
 import json
 import os
@@ -31,13 +30,6 @@ from pathlib import Path
 PROMPTS = ["caption en", "answer en what is in the image?", "detect cat ; dog", "caption de", "describe en"]
 
 
-def mkl_path() -> str | None:
-    if sys.platform != "linux":
-        return None
-    found = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
-    return found[0] if found else None
-
-
 def build_model(args: argparse.Namespace, workdir: Path) -> tuple[str, str]:
     """(model path, description) from --model or --preset."""
     if args.model:
@@ -47,21 +39,11 @@ def build_model(args: argparse.Namespace, workdir: Path) -> tuple[str, str]:
     if args.preset == "tiny":
         path = tiny.make_tiny_checkpoint(workdir / "tiny", version=2, layout="transformers", weight_scale=0.5, seed=7)
         return str(path), "tiny PaliGemma 2 (tools.make_tiny_checkpoint, 56 px, width 64)"
-    build_preset = getattr(tiny, "build_preset", None)
-    if build_preset is not None:
-        return str(build_preset(args.preset, workdir / args.preset)), f"preset {args.preset}"
-    if args.preset == "mid":  # until the presets move into tools.make_tiny_checkpoint
-        from benchmarks.bench_generate import build_preset as bench_preset
-
-        return str(bench_preset("mid", workdir)), "preset mid (benchmarks.bench_generate.build_preset)"
-    raise SystemExit(f"bench_server: error: no builder for --preset {args.preset}: pass --model DIR")
+    return str(tiny.build_preset(args.preset, workdir / args.preset)), f"preset {args.preset}"
 
 
 def start_server(model: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ)
-    mkl = mkl_path()
-    if mkl and "LD_PRELOAD" not in env:
-        env["LD_PRELOAD"] = mkl
     cmd = [sys.executable, "-m", "mlx_paligemma.server", "--model", model, "--port", "0"]
     cmd += [
         "--max-batch",
@@ -97,17 +79,19 @@ def images(n: int, size: int) -> list[str]:
     return urls
 
 
-def run_level(base: str, concurrency: int, requests: int, urls: list[str], max_tokens: int, bar) -> dict:
+def run_level(
+    base: str, concurrency: int, requests: int, urls: list[str], max_tokens: int, bar, timeout: float = 1800
+) -> dict:
     import httpx
 
-    stats_before = httpx.get(f"{base}/v1/stats", timeout=30).json()
+    stats_before = httpx.get(f"{base}/v1/stats", timeout=timeout).json()
     latencies: list[float] = []
     tokens: list[int] = []
     lock = threading.Lock()
     counter = iter(range(requests))
 
     def client() -> None:
-        with httpx.Client(timeout=600) as http:
+        with httpx.Client(timeout=timeout) as http:
             while True:
                 with lock:
                     i = next(counter, None)
@@ -139,7 +123,7 @@ def run_level(base: str, concurrency: int, requests: int, urls: list[str], max_t
         for f in [pool.submit(client) for _ in range(concurrency)]:
             f.result()
     wall = time.perf_counter() - tic
-    after = httpx.get(f"{base}/v1/stats", timeout=30).json()
+    after = httpx.get(f"{base}/v1/stats", timeout=timeout).json()
     batches = after["batches"] - stats_before["batches"]
     q = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) > 1 else latencies * 19
     return {
@@ -173,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-window-ms", type=float, default=10.0, help="the server's --batch-window-ms (10)")
     p.add_argument("--image-size", type=int, default=320, help="side of the generated test images (320)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--timeout", type=float, default=1800, help="seconds a client waits for one answer (1800)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -194,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
             for c in levels:
                 n = args.rounds * c if args.rounds > 0 else max(2 * c, 8)
                 with tqdm(total=n, desc=f"{c} clients", unit="req", file=sys.stderr) as bar:
-                    rows.append(run_level(base, c, n, urls, args.max_tokens, bar))
+                    rows.append(run_level(base, c, n, urls, args.max_tokens, bar, args.timeout))
         finally:
             proc.terminate()
             proc.wait(30)
-    machine = f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, MLX {'with MKL' if mkl_path() else ''}"
+    machine = f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs"
     if args.json:
         print(json.dumps({"model": described, "machine": machine, "max_tokens": args.max_tokens, "rows": rows}))
         return 0

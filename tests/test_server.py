@@ -57,13 +57,19 @@ def url(app):
         yield base
 
 
+def post(url: str, **kwargs) -> httpx.Response:
+    """httpx.post with room for a slow, shared CI machine (the default read timeout is 5 s)."""
+    kwargs.setdefault("timeout", 60)
+    return httpx.post(url, **kwargs)
+
+
 def single(pair, image, prompt, max_tokens=TOKENS):
     return mp.generate(*pair, image, prompt, max_tokens=max_tokens)
 
 
 def test_chat_completion_equals_generate(url, pair):
     image = noise_image(64, 48, seed=1)
-    r = httpx.post(f"{url}/v1/chat/completions", json=chat_body(data_url(image), "caption en", max_tokens=TOKENS))
+    r = post(f"{url}/v1/chat/completions", json=chat_body(data_url(image), "caption en", max_tokens=TOKENS))
     assert r.status_code == 200, r.text
     body = r.json()
     expected = single(pair, image, "caption en")
@@ -86,6 +92,7 @@ def test_streamed_chat_equals_generate(url, pair):
         "POST",
         f"{url}/v1/chat/completions",
         json=chat_body(data_url(image, "JPEG"), prompt, max_tokens=TOKENS, stream=True),
+        timeout=60,
     ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r.iter_lines())
@@ -186,7 +193,7 @@ GOOD = data_url(noise_image(20, 20, seed=9))
 def test_bad_request_gets_its_status(url, caplog, path, body, status, needle):
     caplog.set_level(logging.WARNING, logger="mlx_paligemma.server")
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
-    r = httpx.post(f"{url}{path}", **kwargs)
+    r = post(f"{url}{path}", **kwargs)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert needle in error["message"] and error["type"] in ("invalid_request_error", "not_found_error")
@@ -202,10 +209,10 @@ def test_a_full_queue_is_a_503(pair):
     held = batcher.call(release.wait)
     body = chat_body(GOOD, "caption en", max_tokens=2)
     with live_server(app) as url, ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=60)
+        waiting = pool.submit(post, f"{url}/v1/chat/completions", json=body, timeout=60)
         while batcher.queued() < 1:
             time.sleep(0.01)
-        busy = httpx.post(f"{url}/v1/chat/completions", json=body)
+        busy = post(f"{url}/v1/chat/completions", json=body)
         release.set()
         assert busy.status_code == 503 and "busy" in busy.json()["error"]["message"]
         assert waiting.result().status_code == 200
@@ -223,9 +230,9 @@ def test_api_key_is_enforced(pair):
     with live_server(app) as url:
         assert httpx.get(f"{url}/v1/models").status_code == 401
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Basic s3cret"})
+        r = post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Basic s3cret"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        ok = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+        ok = post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
         assert httpx.get(f"{url}/health").status_code == 200  # liveness needs no key
         assert httpx.get(f"{url}/").status_code == 200  # nor the page (which asks for the key)
@@ -236,16 +243,16 @@ def test_file_urls_need_the_flag(pair, tmp_path, url, caplog):
     path = tmp_path / "local.png"
     image.save(path)
     body = chat_body(path.as_uri(), "caption en", max_tokens=TOKENS)
-    refused = httpx.post(f"{url}/v1/chat/completions", json=body)
+    refused = post(f"{url}/v1/chat/completions", json=body)
     assert refused.status_code == 400 and "--allow-local-files" in refused.json()["error"]["message"]
     with live_server(create_app(*pair, allow_local_files=True)) as allowed:
-        r = httpx.post(f"{allowed}/v1/chat/completions", json=body)
+        r = post(f"{allowed}/v1/chat/completions", json=body)
         assert r.status_code == 200
         assert r.json()["choices"][0]["message"]["content"] == single(pair, path, "caption en").text
         caplog.set_level(logging.WARNING, logger="mlx_paligemma.server")
         caplog.clear()
         odd = (tmp_path / "no\nsuch.png").as_uri()  # a newline in the path must not split the log line
-        missing = httpx.post(f"{allowed}/v1/chat/completions", json=chat_body(odd, "x"))
+        missing = post(f"{allowed}/v1/chat/completions", json=chat_body(odd, "x"))
         assert missing.status_code == 400 and "no\nsuch.png" in missing.json()["error"]["message"]
         logged = [r.getMessage() for r in caplog.records if r.name == "mlx_paligemma.server"]
         assert len(logged) == 1 and "\n" not in logged[0] and "no\\nsuch" in logged[0]
@@ -294,7 +301,7 @@ def test_seeded_sampling_runs_alone_and_is_reproducible(url, app, pair):
     held = batcher.call(release.wait)
     body = chat_body(data_url(image), "caption en", max_tokens=TOKENS, temperature=1.5, seed=11)
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=60) for _ in range(2)]
+        futures = [pool.submit(post, f"{url}/v1/chat/completions", json=body, timeout=60) for _ in range(2)]
         while batcher.queued() < 2:
             time.sleep(0.01)
         release.set()
@@ -313,7 +320,7 @@ def test_a_disconnected_stream_frees_its_row(pair):
     batcher = app.state.batcher
     body = chat_body(GOOD, "caption en", max_tokens=2000, stream=True)
     with live_server(app) as url:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
             for line in r.iter_lines():
                 if '"content":' in line and '"content":""' not in line.replace(" ", ""):
                     break  # a token: the row is being decoded
@@ -322,11 +329,11 @@ def test_a_disconnected_stream_frees_its_row(pair):
             time.sleep(0.02)
         stats = batcher.snapshot()
         assert stats["cancelled_rows"] == 1 and stats["requests_completed"] == 0
-        ok = httpx.post(f"{url}/v1/chat/completions", json=chat_body(GOOD, "caption en", max_tokens=2))
+        ok = post(f"{url}/v1/chat/completions", json=chat_body(GOOD, "caption en", max_tokens=2))
         assert ok.status_code == 200
         # The same without streaming: the client gives up waiting and closes the connection.
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, timeout=httpx.Timeout(60, read=1))
+            post(f"{url}/v1/chat/completions", json={**body, "stream": False}, timeout=httpx.Timeout(60, read=1))
         deadline = time.monotonic() + 20
         while batcher.snapshot()["cancelled_rows"] == 1 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -336,22 +343,22 @@ def test_a_disconnected_stream_frees_its_row(pair):
 def test_task_endpoints_return_structured_results(url, pair):
     image = noise_image(80, 60, seed=5)
     img = data_url(image)
-    caption = httpx.post(f"{url}/v1/tasks/caption", json={"image": img, "lang": "de", "max_tokens": TOKENS}).json()
+    caption = post(f"{url}/v1/tasks/caption", json={"image": img, "lang": "de", "max_tokens": TOKENS}).json()
     assert caption["text"] == single(pair, image, "caption de").text and caption["prompt"] == "caption de"
-    answer = httpx.post(f"{url}/v1/tasks/answer", json={"image": img, "question": "why?", "max_tokens": 4}).json()
+    answer = post(f"{url}/v1/tasks/answer", json={"image": img, "question": "why?", "max_tokens": 4}).json()
     assert answer["text"] == single(pair, image, "answer en why?", 4).text
-    detect = httpx.post(f"{url}/v1/tasks/detect", json={"image": img, "labels": "cat ; dog", "max_tokens": 40}).json()
+    detect = post(f"{url}/v1/tasks/detect", json={"image": img, "labels": "cat ; dog", "max_tokens": 40}).json()
     expected = single(pair, image, "detect cat ; dog", 40)
     assert detect["text"] == expected.text and detect["image_size"] == [80, 60]
     assert detect["detections"] == [d.to_dict() for d in mp.parse_detections(expected.text, (80, 60))]
-    segment = httpx.post(f"{url}/v1/tasks/segment", json={"image": img, "labels": ["cat"], "max_tokens": 40}).json()
+    segment = post(f"{url}/v1/tasks/segment", json={"image": img, "labels": ["cat"], "max_tokens": 40}).json()
     assert segment["prompt"] == "segment cat" and segment["masks"] is False
 
 
 def test_streamed_task_ends_with_its_result(url, pair):
     image = noise_image(44, 44, seed=6)
     with httpx.stream(
-        "POST", f"{url}/v1/tasks/caption", json={"image": data_url(image), "max_tokens": 8, "stream": True}
+        "POST", f"{url}/v1/tasks/caption", json={"image": data_url(image), "max_tokens": 8, "stream": True}, timeout=60
     ) as r:
         events = sse_events(r.iter_lines())
     assert events[-1] == "[DONE]" and "result" in events[-2]
@@ -373,9 +380,7 @@ def test_segment_masks_are_coco_rle(pg1_dir, tmp_path_factory):
     decoder = mp.load_mask_decoder(npz)
     image = noise_image(80, 60)
     with live_server(create_app(*mp.load(scripted), mask_decoder=decoder)) as url:
-        r = httpx.post(
-            f"{url}/v1/tasks/segment", json={"image": data_url(image), "labels": "cat ; dog", "max_tokens": 60}
-        )
+        r = post(f"{url}/v1/tasks/segment", json={"image": data_url(image), "labels": "cat ; dog", "max_tokens": 60})
     out = r.json()
     assert r.status_code == 200 and out["masks"] is True
     expected = mp.parse_segmentations(ANSWER, (80, 60), decoder)
