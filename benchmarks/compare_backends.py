@@ -555,6 +555,7 @@ def _compare(args: Any, fail: Callable[[str, str], int]) -> int:
         for runtime in runtimes:
             bar.set_postfix_str(runtime)
             rows.append(_run_worker(runtime, args, str(model_dir)))
+            tqdm.write(json.dumps(rows[-1]), file=sys.stderr)  # each result as it comes: none lost to a later crash
             bar.update()
         bar.close()
         profile = checkpoint_profile(model_dir)
