@@ -110,6 +110,13 @@ def _time_once(fn: Callable[[], Any]) -> float:
 
 
 def _peak_rss_gb() -> float:
+    """Peak resident memory of this worker: VmHWM on Linux (getrusage's ru_maxrss survives execve, so it
+    would report the parent's peak when that is higher), ru_maxrss elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 / 1e9 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
