@@ -110,6 +110,13 @@ def _time_once(fn: Callable[[], Any]) -> float:
 
 
 def _peak_rss_gb() -> float:
+    """Peak resident memory of this worker: VmHWM on Linux (getrusage's ru_maxrss survives execve, so it
+    would report the parent's peak when that is higher), ru_maxrss elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 / 1e9 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -555,6 +562,7 @@ def _compare(args: Any, fail: Callable[[str, str], int]) -> int:
         for runtime in runtimes:
             bar.set_postfix_str(runtime)
             rows.append(_run_worker(runtime, args, str(model_dir)))
+            tqdm.write(json.dumps(rows[-1]), file=sys.stderr)  # each result as it comes: none lost to a later crash
             bar.update()
         bar.close()
         profile = checkpoint_profile(model_dir)
