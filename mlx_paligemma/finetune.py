@@ -52,8 +52,6 @@ STATE_DIR = "training_state"
 STATE_FILE = f"{STATE_DIR}/state.json"
 OPTIMIZER_FILE = f"{STATE_DIR}/optimizer.safetensors"
 WEIGHTS_FILE = "model.safetensors"
-ADAPTER_WEIGHTS = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 # Files of the source checkpoint that a full fine-tune copies next to its weights.
 _COPIED = ("config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _COPIED += ("preprocessor_config.json", "processor_config.json", "generation_config.json", "added_tokens.json")
@@ -98,6 +96,7 @@ class FinetuneOptions:
     loc_smoothing: float = 0.0
     order_loc_embeddings: bool = False
     pad_multiple: int = 8
+    merge: bool = False
     force: bool = False
     quiet: bool = False
 
@@ -406,7 +405,7 @@ def set_trainable(model: Model, opts: FinetuneOptions) -> None:
     else:
         from .lora import apply_lora
 
-        apply_lora(model, opts.lora_rank, opts.lora_alpha, opts.lora_layers, train_vision=opts.train_vision)
+        apply_lora(model, opts.lora_rank, opts.lora_alpha, opts.lora_layers)
         if opts.train_vision:
             model.vision_tower.unfreeze()
 
@@ -489,20 +488,35 @@ def _copy_source_files(src: Path, dst: Path) -> None:
                 shutil.copyfile(f, tmp)
 
 
-def save_weights(model: Model, out: Path, opts: FinetuneOptions, src_dir: Path) -> None:
-    """Full fine-tune: the whole model as `model.safetensors` beside the source's config and tokenizer,
-    a checkpoint `mp.load` reads. LoRA: the adapters alone (`adapters.safetensors` + `adapter_config.json`)."""
+def write_checkpoint(model: Model, out: Path, src_dir: Path) -> None:
+    """The whole model as `model.safetensors` beside the source's config and tokenizer files: a checkpoint
+    that `mp.load` (and the PyTorch backend) reads like any other."""
     out.mkdir(parents=True, exist_ok=True)
+    _copy_source_files(src_dir, out)
+    weights = dict(tree_flatten(model.parameters()))
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        target = tmp.with_name(tmp.name + ".safetensors")  # mx.save_safetensors insists on the suffix
+        mx.save_safetensors(str(target), weights, metadata={"format": "mlx"})
+        os.replace(target, tmp)
+
+
+def save_weights(model: Model, out: Path, opts: FinetuneOptions, src_dir: Path) -> None:
+    """Full fine-tune: a complete checkpoint (`write_checkpoint`). LoRA: the adapters alone
+    (`adapters.safetensors` + `adapter_config.json`)."""
     if opts.full:
-        _copy_source_files(src_dir, out)
-        weights = dict(tree_flatten(model.parameters()))
-        with atomic_path(out / WEIGHTS_FILE) as tmp:
-            mx.save_safetensors(str(tmp.with_suffix(".safetensors")), weights, metadata={"format": "mlx"})
-            os.replace(tmp.with_suffix(".safetensors"), tmp)
+        write_checkpoint(model, out, src_dir)
     else:
         from .lora import save_adapters
 
-        save_adapters(model, out, base_model=opts.model, train_vision=opts.train_vision)
+        save_adapters(
+            model,
+            out,
+            base_model=opts.model,
+            rank=opts.lora_rank,
+            alpha=opts.lora_alpha,
+            layers=opts.lora_layers,
+            train_vision=opts.train_vision,
+        )
 
 
 def _save_training_state(
@@ -530,6 +544,8 @@ def _load_training_state(
     if opts.full:
         model.load_weights(str(out / WEIGHTS_FILE), strict=False)
     else:
+        from .lora import ADAPTER_WEIGHTS
+
         model.load_weights(list(mx.load(str(out / ADAPTER_WEIGHTS)).items()), strict=False)
     optimizer.state = tree_unflatten(list(mx.load(str(out / OPTIMIZER_FILE)).items()))
     mx.eval(model.parameters(), optimizer.state)
@@ -703,6 +719,11 @@ def _train(opts: FinetuneOptions, callback: Optional[Callable]) -> TrainResult:
     if rank == 0:
         save_weights(model, out, opts, src_dir)
         _save_training_state(out, optimizer, done, opts, time.perf_counter() - t0)
+        if opts.merge and not opts.full:
+            from .lora import merge_lora
+
+            merge_lora(model)
+            write_checkpoint(model, out / "merged", src_dir)
     return TrainResult(out, done, last_loss, val_loss, time.perf_counter() - t0, history)
 
 
@@ -755,6 +776,11 @@ def build_parser() -> ArgumentParser:
         "--order-loc-embeddings",
         action="store_true",
         help="initialise the <loc> embeddings with sinusoidal features of their bin (for models trained from scratch)",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="LoRA: also write OUT/merged, a standalone checkpoint with the adapters folded in",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

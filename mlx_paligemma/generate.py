@@ -33,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mlx_paligemma.generate",
         description="Caption, answer questions about, detect or segment objects in images with PaliGemma.",
     )
-    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face repo id")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory or Hugging Face repo id (default: the small shapes demo model shipped inside)",
+    )
+    p.add_argument("--adapter-path", default=None, help="LoRA adapter directory from mlx_paligemma.finetune (mlx)")
     p.add_argument("--image", action="append", required=True, help="image file (repeat for a batch)")
     p.add_argument(
         "--prompt",
@@ -127,6 +132,15 @@ def _run(args: argparse.Namespace) -> int:
     from .processor import load_image
     from .tasks import draw_detections, parse_detections
 
+    if args.model is None:
+        args.model = "demo"
+        print(
+            "using the built-in demo model (trained on synthetic shapes only); "
+            "pass --model google/paligemma-3b-mix-224 or a checkpoint directory for a real one",
+            file=sys.stderr,
+        )
+    if args.adapter_path is not None and args.backend == "torch":
+        raise PaliGemmaError("--adapter-path: the torch backend reads merged checkpoints (finetune --merge)")
     if args.backend == "torch":
         from .reference import load as load_torch
 
@@ -134,7 +148,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         from .load import load
 
-        model, processor = load(args.model, dtype=args.dtype)
+        model, processor = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path)
     images = [load_image(path) for path in args.image]
     options = dict(
         max_tokens=args.max_tokens,

@@ -31,10 +31,21 @@ def parse_dtype(dtype: Optional[str]) -> Optional[mx.Dtype]:
     return DTYPES[dtype]
 
 
-def load(path_or_repo_id: str | os.PathLike, dtype: Optional[str] = None) -> tuple[Model, Processor]:
-    """Load a PaliGemma 1 or 2 checkpoint; compute in the checkpoint's dtype unless `dtype` is given."""
+def load(
+    path_or_repo_id: str | os.PathLike,
+    dtype: Optional[str] = None,
+    adapter_path: Optional[str | os.PathLike] = None,
+) -> tuple[Model, Processor]:
+    """Load a PaliGemma 1 or 2 checkpoint; compute in the checkpoint's dtype unless `dtype` is given.
+
+    `adapter_path`: a LoRA adapter directory written by `mlx_paligemma.finetune`, applied on top."""
     model_dir = resolve_model_dir(path_or_repo_id)
     model = load_model(model_dir, dtype)
+    if adapter_path is not None:
+        from .lora import load_adapters
+
+        load_adapters(model, adapter_path)
+        model.eval()
     return model, Processor.from_dir(model_dir, model.config, to_array=mx.array)
 
 
