@@ -215,6 +215,23 @@ def write_mixed_dataset(out_dir: Path, images: int, seed: int) -> Path:
     return path
 
 
+EXAMPLES_SEED = 7
+
+
+def write_examples(out_dir: Path) -> list[tuple[Path, shapes.Scene]]:
+    """The example images shipped with the demo: scenes of three, two and one shapes from a fixed seed
+    (never used for training or evaluation)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(EXAMPLES_SEED)
+    written = []
+    for i, count in enumerate((3, 2, 1), start=1):
+        scene = shapes.make_scene(rng, count)
+        path = out_dir / f"shapes{i}.png"
+        scene.render().save(path)
+        written.append((path, scene))
+    return written
+
+
 class TimedEval:
     """The finetune callback: every `minutes`, score the model on held-out scenes and append to the log."""
 
