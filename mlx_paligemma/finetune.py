@@ -410,23 +410,32 @@ def set_trainable(model: Model, opts: FinetuneOptions) -> None:
             model.vision_tower.unfreeze()
 
 
-def enable_grad_checkpoint(model: Model) -> None:
-    """Recompute each decoder layer (and vision layer) in the backward pass instead of storing it."""
-    for layers in (model.language_model.layers, model.vision_tower.encoder.layers):
-        cls = type(layers[0])
-        if getattr(cls, "_checkpointed", False):
-            continue
-        fn = cls.__call__
+@contextlib.contextmanager
+def grad_checkpointing(model: Model, enabled: bool = True):
+    """Recompute each decoder and vision layer in the backward pass instead of storing its activations
+    (as mlx-lm does, by wrapping the layer class's `__call__` in `mx.checkpoint`); restored on exit."""
+    patched = []
+    if enabled:
+        for layers in (model.language_model.layers, model.vision_tower.encoder.layers):
+            cls = type(layers[0])
+            if any(c is cls for c, _ in patched):
+                continue
+            original = cls.__call__
 
-        def checkpointed(self, *args, _fn=fn, **kwargs):
-            def inner(params, *a):
-                self.update(params)
-                return _fn(self, *a, **kwargs)
+            def checkpointed(self, *args, _fn=original, **kwargs):
+                def inner(params, *a):
+                    self.update(params)
+                    return _fn(self, *a, **kwargs)
 
-            return mx.checkpoint(inner)(self.trainable_parameters(), *args)
+                return mx.checkpoint(inner)(self.trainable_parameters(), *args)
 
-        cls.__call__ = checkpointed
-        cls._checkpointed = True
+            patched.append((cls, original))
+            cls.__call__ = checkpointed
+    try:
+        yield
+    finally:
+        for cls, original in patched:
+            cls.__call__ = original
 
 
 # --- training --------------------------------------------------------------------------------------------
@@ -558,11 +567,11 @@ def finetune(
 ) -> TrainResult:
     """Train as `opts` says; returns where the result is. `callback(step, model, processor, info)` runs
     after every optimizer step on rank 0 (used by tools/train_demo_model.py for timed evaluations)."""
-    with fast_activations():
-        return _train(opts, callback)
+    with fast_activations(), contextlib.ExitStack() as stack:
+        return _train(opts, callback, stack)
 
 
-def _train(opts: FinetuneOptions, callback: Optional[Callable]) -> TrainResult:
+def _train(opts: FinetuneOptions, callback: Optional[Callable], stack: contextlib.ExitStack) -> TrainResult:
     from .load import load_model
 
     opts.check()
@@ -582,8 +591,7 @@ def _train(opts: FinetuneOptions, callback: Optional[Callable]) -> TrainResult:
     if opts.order_loc_embeddings and not opts.resume:
         order_loc_embeddings(model, processor)
     set_trainable(model, opts)
-    if opts.grad_checkpoint:
-        enable_grad_checkpoint(model)
+    stack.enter_context(grad_checkpointing(model, opts.grad_checkpoint))
     model.train()
 
     steps_per_epoch = math.ceil(max(len(train) // opts.batch_size, 1) / opts.grad_accum)

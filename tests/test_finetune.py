@@ -229,3 +229,21 @@ def test_fast_gelu_matches_gelu_approx():
     g_fast = mx.grad(lambda v: ft.fast_gelu_approx(v).sum())(x)
     g_ref = mx.grad(lambda v: nn.gelu_approx(v).sum())(x)
     np.testing.assert_allclose(np.array(g_fast), np.array(g_ref), rtol=0, atol=1e-5)
+
+
+def test_grad_checkpoint_gives_the_same_gradients(pg1_dir):
+    import mlx.nn as nn
+
+    model = load_model(pg1_dir, "float32")
+    processor = Processor.from_dir(pg1_dir, model.config)
+    batch = {k: mx.array(v) for k, v in processor([noise_image(40, 40)], ["caption en"], ["a cat"]).items()}
+    grad = nn.value_and_grad(model, lambda b: ft.suffix_loss(model, b))
+    loss, plain = grad(batch)
+    call = type(model.language_model.layers[0]).__call__
+    with ft.grad_checkpointing(model):
+        assert type(model.language_model.layers[0]).__call__ is not call
+        loss_ckpt, ckpt = grad(batch)
+    assert type(model.language_model.layers[0]).__call__ is call  # restored
+    assert abs(loss.item() - loss_ckpt.item()) < 1e-6
+    for (k, a), (_, b) in zip(tree_flatten(plain), tree_flatten(ckpt)):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6, err_msg=k)
