@@ -112,7 +112,7 @@ def test_one_step_changes_only_trainable_parameters(pg1_dir, tmp_path):
 def test_overfits_eight_examples(pg1_dir, tmp_path):
     data = _write_data(tmp_path / "data")
     opts = _opts(
-        tmp_path, data, model=str(pg1_dir), full=True, train_vision=True, lr=3e-3, warmup=5, batch_size=8, max_steps=150
+        tmp_path, data, model=str(pg1_dir), full=True, train_vision=True, lr=3e-3, warmup=5, batch_size=8, max_steps=30
     )
     result = ft.finetune(opts)
     model, processor = load(result.out)
