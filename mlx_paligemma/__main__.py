@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": "mlx_paligemma.commands.generate",
     "quantize": "mlx_paligemma.quantize",
     "doctor": "mlx_paligemma.doctor",
+    "finetune": "mlx_paligemma.finetune",
     "server": "mlx_paligemma.server",
 }
 

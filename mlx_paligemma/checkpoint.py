@@ -21,6 +21,7 @@ from .errors import CheckpointError
 # Files a PaliGemma hub repository needs (weights, config, tokenizer, processor config).
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.md"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+DEMO_MODEL = "demo"  # the name of the shipped demo model (mlx_paligemma/demo)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 # Canonical names are the module tree of our models: `vision_tower.{embeddings,encoder,post_layernorm}`,
@@ -50,6 +51,8 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike) -> Path:
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
+    if str(path_or_repo_id) == DEMO_MODEL:  # the small model shipped in the package (a local `demo` dir wins)
+        return Path(__file__).parent / "demo"
     if path.exists():
         raise CheckpointError(f"{path}: is a file; pass the checkpoint directory or a hub repo id")
     text = str(path_or_repo_id)

@@ -32,15 +32,25 @@ def parse_dtype(dtype: Optional[str]) -> Optional[mx.Dtype]:
     return DTYPES[dtype]
 
 
-def load(path_or_repo_id: str | os.PathLike, dtype: Optional[str] = None) -> tuple[Model, Processor]:
+def load(
+    path_or_repo_id: str | os.PathLike,
+    dtype: Optional[str] = None,
+    adapter_path: Optional[str | os.PathLike] = None,
+) -> tuple[Model, Processor]:
     """Load a PaliGemma 1 or 2 checkpoint, computing in the dtype that is fast on the device.
 
     Without `dtype`: on the GPU the checkpoint's dtype, end to end; on the CPU float32 for bf16/f16
     checkpoints, because MLX's CPU half-precision kernels are scalar (float32 uses the BLAS, ~10-50x
     faster). The cast happens per tensor while loading: there is never a second copy. `dtype` wins.
+    `adapter_path`: a LoRA adapter directory written by `mlx_paligemma.finetune`, applied on top.
     """
     model_dir = resolve_model_dir(path_or_repo_id)
     model = load_model(model_dir, dtype, float32_on_cpu=True)
+    if adapter_path is not None:
+        from .lora import load_adapters
+
+        load_adapters(model, adapter_path)
+        model.eval()
     return model, Processor.from_dir(model_dir, model.config, to_array=mx.array)
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 from ..cli import ArgumentParser, main_entry, run_main
 from ..dtypes import NAMES
-from ..errors import ImageTooLargeError
+from ..errors import ImageTooLargeError, PaliGemmaError
 from ..fsutil import atomic_path
 from ..processor import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -34,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Caption, answer questions about, detect or segment objects in images with PaliGemma.",
     )
-    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face repo id")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory or Hugging Face repo id (default: the small shapes demo model shipped inside)",
+    )
+    p.add_argument("--adapter-path", default=None, help="LoRA adapter directory from mlx-paligemma finetune (mlx)")
     p.add_argument("--image", action="append", required=True, help="image file (repeat for a batch)")
     p.add_argument(
         "--prompt",
@@ -164,6 +169,15 @@ def _run(args: argparse.Namespace) -> int:
         from ..mask_decoder import load_mask_decoder
 
         mask_decoder = load_mask_decoder(args.mask_decoder, backend=args.backend, device=args.device)
+    if args.model is None:
+        args.model = "demo"
+        print(
+            "using the built-in demo model (trained on synthetic shapes only); "
+            "pass --model google/paligemma-3b-mix-224 or a checkpoint directory for a real one",
+            file=sys.stderr,
+        )
+    if args.adapter_path is not None and args.backend == "torch":
+        raise PaliGemmaError("--adapter-path: the torch backend reads merged checkpoints (finetune --merge)")
     if args.backend == "torch":
         from ..reference import load as load_torch
 
@@ -171,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         from ..load import load
 
-        model, processor = load(args.model, dtype=args.dtype)
+        model, processor = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path)
     processor.max_image_pixels = args.max_image_pixels
     try:
         images = [processor.load_image(path) for path in args.image]
