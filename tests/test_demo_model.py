@@ -19,12 +19,13 @@ EXAMPLES = DEMO / "examples"
 # Levels measured on 50 held-out scenes (benchmarks/eval_shapes.py, its fixed seed) when the model
 # was shipped, minus a margin for the few answers that differ between backends and kernels.
 # The measured values and the learning curve are in mlx_paligemma/demo/README.md.
+# Measured (both backends alike): caption 32%, counting 96%, colour 79%, detection mIoU 0.339, recall@0.5 40%.
 FLOORS = {
-    "caption_exact": 0.0,
-    "counting": 0.0,
-    "colour": 0.0,
-    "detection_miou": 0.0,
-    "detection_recall50": 0.0,
+    "caption_exact": 0.22,
+    "counting": 0.88,
+    "colour": 0.68,
+    "detection_miou": 0.28,
+    "detection_recall50": 0.30,
 }
 
 
