@@ -139,7 +139,7 @@ def test_page_draws_boxes_and_masks(browser, served, tmp_path, monkeypatch):
     answer = f"<loc0256><loc0128><loc0768><loc0640>{codes} cat"
     monkeypatch.setattr(batcher_module, "_stream_batch", scripted_stream(answer))
 
-    class Seg:  # what issue 11's parse_segmentations returns: the box's lower half is the mask
+    class Seg:  # what parse_segmentations returns, scripted: the box's lower half is the mask
         def __init__(self, box, size):
             w, h = size
             self.label, self.box, self.codes = "cat", box, list(range(16))
@@ -149,7 +149,9 @@ def test_page_draws_boxes_and_masks(browser, served, tmp_path, monkeypatch):
     def parse_segmentations(text, image_size, decoder):
         return [Seg(d.box, image_size) for d in mp.parse_detections(text, image_size)]
 
-    monkeypatch.setattr(mp, "parse_segmentations", parse_segmentations, raising=False)
+    from mlx_paligemma import segmentation
+
+    monkeypatch.setattr(segmentation, "parse_segmentations", parse_segmentations)
     image_path = tmp_path / "grey.png"
     from PIL import Image
 
