@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=NAMES,
         default=None,
-        help="compute dtype (default: the checkpoint's)",
+        help="compute dtype (default: float32 for MLX on a CPU, else the checkpoint's)",
     )
     p.add_argument(
         "--backend", choices=["mlx", "torch"], default="mlx", help="mlx (default) or the PyTorch reference backend"
