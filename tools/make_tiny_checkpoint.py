@@ -222,7 +222,7 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_sentencepiece_model() -> bytes:
+def build_sentencepiece_model(corpus: list[str] | None = None, pieces: int = NORMAL_PIECES) -> bytes:
     """Train a small BPE sentencepiece model with Gemma's conventions and append the PaliGemma pieces.
 
     Like the Gemma tokenizer: no dummy prefix, whitespace kept verbatim, identity normalization, byte
@@ -234,10 +234,10 @@ def build_sentencepiece_model() -> bytes:
 
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()),
+        sentence_iterator=iter(_corpus() if corpus is None else corpus),
         model_writer=buffer,
         model_type="bpe",
-        vocab_size=4 + 1 + 256 + NORMAL_PIECES,
+        vocab_size=4 + 1 + 256 + pieces,
         pad_id=PAD_ID,
         eos_id=EOS_ID,
         bos_id=BOS_ID,
@@ -265,7 +265,9 @@ def build_sentencepiece_model() -> bytes:
     return proto.SerializeToString()
 
 
-def _write_processor(out_dir: Path, image_size: int, num_image_tokens: int) -> int:
+def write_processor_files(
+    out_dir: Path, image_size: int, num_image_tokens: int, sentencepiece_model: bytes | None = None
+) -> int:
     """Write the tokenizer and image-processor files; return the `<image>` token id.
 
     `PaliGemmaProcessor` adds `<image>` after the sentencepiece vocabulary (id = number of pieces) and maps
@@ -275,7 +277,8 @@ def _write_processor(out_dir: Path, image_size: int, num_image_tokens: int) -> i
     from transformers import GemmaTokenizer, PaliGemmaProcessor
     from transformers import SiglipImageProcessorPil as SiglipImageProcessor
 
-    (out_dir / "tokenizer.model").write_bytes(build_sentencepiece_model())
+    model_bytes = build_sentencepiece_model() if sentencepiece_model is None else sentencepiece_model
+    (out_dir / "tokenizer.model").write_bytes(model_bytes)
     # from_pretrained converts tokenizer.model to a tokenizers BPE backend (GemmaConverter).
     tokenizer = GemmaTokenizer.from_pretrained(
         out_dir,
@@ -545,7 +548,7 @@ def _write_checkpoint(
     from transformers import GenerationConfig, PaliGemmaForConditionalGeneration
 
     num_image_tokens = (image_size // VISION["patch_size"]) ** 2
-    image_token_index = _write_processor(out_dir, image_size, num_image_tokens)
+    image_token_index = write_processor_files(out_dir, image_size, num_image_tokens)
     config = _build_config(version, image_size, sliding_window, image_token_index, dtype)
 
     torch.manual_seed(seed)
@@ -958,7 +961,7 @@ def _write_paligemma_3b(
 
     generator = torch.Generator().manual_seed(seed)
     shapes = _paligemma_3b_shapes(image_size, spec)
-    image_token_index = _write_processor(out_dir, image_size, (image_size // spec["vision"]["patch_size"]) ** 2)
+    image_token_index = write_processor_files(out_dir, image_size, (image_size // spec["vision"]["patch_size"]) ** 2)
 
     def random_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if len(shape) == 1:  # SigLIP LayerNorm weights around 1; biases and Gemma's (1 + w) norms around 0

@@ -14,7 +14,6 @@ Steps (each skipped when its output exists, so a rerun resumes):
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import random
@@ -26,9 +25,8 @@ from pathlib import Path
 
 from mlx_paligemma.fsutil import atomic_write_text
 from tools import shapes
-from tools.make_tiny_checkpoint import BOS_ID, EOS_ID, LOC_SEG_TOKENS, PAD_ID, UNK_ID, _added_token, _write_json
+from tools.make_tiny_checkpoint import BOS_ID, EOS_ID, PAD_ID, build_sentencepiece_model, write_processor_files
 
-IMAGE_TOKEN = "<image>"
 VOCAB_MULTIPLE = 64
 
 # The architecture (measured candidates are in the demo's README.md).
@@ -59,85 +57,15 @@ def _corpus() -> list[str]:
 
 
 def build_sentencepiece(pieces: int = 160) -> bytes:
-    """A BPE sentencepiece model with Gemma's conventions (as tools/make_tiny_checkpoint.py builds them),
-    trained on the shapes vocabulary so that every task word is one or two pieces."""
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()),
-        model_writer=buffer,
-        model_type="bpe",
-        vocab_size=4 + 1 + 256 + pieces,
-        pad_id=PAD_ID,
-        eos_id=EOS_ID,
-        bos_id=BOS_ID,
-        unk_id=UNK_ID,
-        pad_piece="<pad>",
-        eos_piece="</s>",
-        bos_piece="<s>",
-        unk_piece="<unk>",
-        user_defined_symbols=["\n"],
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        byte_fallback=True,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        character_coverage=1.0,
-        num_threads=1,
-        minloglevel=2,
-    )
-    proto = sp_pb2.ModelProto()
-    proto.ParseFromString(buffer.getvalue())
-    for token in LOC_SEG_TOKENS:
-        piece = proto.pieces.add()
-        piece.piece, piece.score, piece.type = token, 0.0, sp_pb2.ModelProto.SentencePiece.USER_DEFINED
-    return proto.SerializeToString()
+    """A sentencepiece model with Gemma's conventions and the PaliGemma special tokens (as
+    tools/make_tiny_checkpoint.py builds them), trained on the shapes vocabulary so that every task
+    word is one or two pieces."""
+    return build_sentencepiece_model(_corpus(), pieces)
 
 
 def _write_processor(out_dir: Path, image_size: int, num_image_tokens: int) -> int:
     """Tokenizer + image-processor files as transformers' PaliGemmaProcessor writes them; returns `<image>`'s id."""
-    from transformers import GemmaTokenizer, PaliGemmaProcessor, SiglipImageProcessor
-
-    (out_dir / "tokenizer.model").write_bytes(build_sentencepiece())
-    tokenizer = GemmaTokenizer.from_pretrained(
-        out_dir, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token=None
-    )
-    image_processor = SiglipImageProcessor(
-        do_resize=True,
-        size={"height": image_size, "width": image_size},
-        resample=3,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-        do_convert_rgb=True,
-        image_seq_length=num_image_tokens,
-    )
-    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    processor.save_pretrained(out_dir)
-    cfg_path = out_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    for key in ("vocab_file", "is_local", "local_files_only"):
-        cfg.pop(key, None)
-    _write_json(cfg_path, cfg)
-    _write_json(
-        out_dir / "preprocessor_config.json", {**image_processor.to_dict(), "processor_class": "PaliGemmaProcessor"}
-    )
-    _write_json(
-        out_dir / "special_tokens_map.json",
-        {
-            "additional_special_tokens": [_added_token(IMAGE_TOKEN)],
-            "bos_token": _added_token("<s>"),
-            "eos_token": _added_token("</s>"),
-            "pad_token": _added_token("<pad>"),
-            "unk_token": _added_token("<unk>"),
-        },
-    )
-    return processor.image_token_id
+    return write_processor_files(out_dir, image_size, num_image_tokens, build_sentencepiece())
 
 
 def build_init(out_dir: str | Path, arch: dict = ARCH, seed: int = 0) -> Path:
