@@ -3,8 +3,8 @@
     python -m benchmarks.bench_mask_decoder                      # random decoder, 100 objects
     python -m benchmarks.bench_mask_decoder --decoder vae-oid.npz --objects 100 --runs 5
 
-Each backend runs in its own process (MLX with an optimised BLAS preloaded on Linux, see
-bench_generate.py; PyTorch on its default CPU threads): load, one warm-up call, then the median
+Each backend runs in its own process (MLX with the fast BLAS the package loads on Linux, see
+mlx_paligemma/blas.py; PyTorch on its default CPU threads): load, one warm-up call, then the median
 of `--runs` calls of `decoder.decode(codes)` (numpy in, numpy out: the figure a caller sees),
 wall-clock and CPU time (all threads).
 A random decoder in the published layout (D = 512) is built when `--decoder` is not given; the
@@ -24,14 +24,11 @@ from pathlib import Path
 
 
 def worker(args: argparse.Namespace) -> None:
-    blas = "torch's own"
-    if args.backend == "mlx":
-        from benchmarks.bench_generate import preload_fast_blas
-
-        blas = preload_fast_blas()
     import numpy as np
 
     import mlx_paligemma as mp
+
+    blas = "torch's own" if args.backend == "torch" else mp.blas.blas_report()["mlx_blas"]
 
     tic = time.perf_counter()
     decoder = mp.load_mask_decoder(
