@@ -147,25 +147,19 @@ class PrefixLMCache:
         )
         if start == 0:  # read once, at the prefill: an input the caller gave, not a computed result
             self.padded = not bool(mx.all(attention_mask).item())
-        elif new == 1 and not self.padded:
-            # Decode hot path: one suffix query and no padding, so every held key is visible to it in
-            # full layers, and in sliding ones while they hold fewer positions than the window. The
-            # all-True mask is the same as none; skip building it every step.
-            sliding_open = self.window is None or self._sliding_slots() < self.window
-            if sliding_open:
-                return {"full": None, "sliding": None}
-            masks = {"full": None}
-            keys = mx.arange(start - self._sliding_slots(), start + new)
-            query = mx.arange(start, start + new)
-            masks["sliding"] = prefix_lm_masks(self.attention_mask, None, self.window, query, keys)["sliding"]
-            return masks
-        types = token_type_ids if start == 0 else None
         query = mx.arange(start, start + new)
-        every = mx.arange(start + new)
-        masks = prefix_lm_masks(self.attention_mask, types, self.window, query, every)
         kept = self._sliding_slots()  # positions the sliding layers still hold from earlier calls
-        if self.window is not None and kept < start:
-            keys = mx.arange(start - kept, start + new)
+        # Decode hot path: one suffix query and no padding, so every held key is visible to it in full
+        # layers, and in sliding ones while they hold fewer positions than the window. The all-True
+        # mask is the same as none; skip building it every step.
+        unpadded_decode = start > 0 and new == 1 and not self.padded
+        if unpadded_decode:
+            masks = {"full": None, "sliding": None}
+        else:
+            types = token_type_ids if start == 0 else None
+            masks = prefix_lm_masks(self.attention_mask, types, self.window, query, mx.arange(start + new))
+        if self.window is not None and (kept >= self.window if unpadded_decode else kept < start):
+            keys = mx.arange(start - kept, start + new)  # the positions the sliding layers hold
             masks["sliding"] = prefix_lm_masks(self.attention_mask, None, self.window, query, keys)["sliding"]
         return masks
 
