@@ -192,6 +192,19 @@ def _stream_batch(
     processor: Processor,
     images: Sequence[Union[ImageInput, ImageEmbedding]],
     prompts: Sequence[str],
+    **options: Any,
+) -> Iterator[GenerationChunk]:
+    """Every generation (generate, stream_generate, the server's batches) runs through here, inside the
+    device's generation session (Apple silicon: dedicated stream, wired limit, cache cleared after)."""
+    with generation_session(model):
+        yield from _generate_chunks(model, processor, images, prompts, **options)
+
+
+def _generate_chunks(
+    model: Any,
+    processor: Processor,
+    images: Sequence[Union[ImageInput, ImageEmbedding]],
+    prompts: Sequence[str],
     max_tokens: int = 100,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -291,13 +304,7 @@ def stream_generate(
     model: Any, processor: Processor, image: Union[ImageInput, ImageEmbedding], prompt: str, **kwargs
 ) -> Iterator[GenerationChunk]:
     """Stream the answer to one prompt about one image, chunk by chunk (same options as `generate`)."""
-    return _in_session(model, _stream_batch(model, processor, [image], [prompt], **kwargs))
-
-
-def _in_session(model: Any, chunks: Iterator[GenerationChunk]) -> Iterator[GenerationChunk]:
-    """The chunks, generated inside the device's session (Apple silicon: wired limit, cache cleared after)."""
-    with generation_session(model):
-        yield from chunks
+    return _stream_batch(model, processor, [image], [prompt], **kwargs)
 
 
 def generate(
@@ -331,7 +338,7 @@ def generate(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
-    results = collect_results(processor, _in_session(model, chunks), sizes)
+    results = collect_results(processor, chunks, sizes)
     return results if batched else results[0]
 
 
