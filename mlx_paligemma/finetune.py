@@ -296,19 +296,11 @@ def fast_activations():
 
 
 def forward(model: Model, batch: dict[str, mx.array], last: Optional[int] = None) -> mx.array:
-    """Logits at every position under the prefix-LM masks, with nothing that syncs (so it compiles):
-    `Model.embed_inputs` checks image-token counts on the host, which the data loader guarantees.
+    """Logits under the prefix-LM masks, with nothing that syncs (so it compiles); the data loader
+    guarantees each row's image-token count (the check `Model.__call__` would do on the host).
     With `last`, logits of the last `last` positions only (left padding puts every suffix there)."""
     cfg = model.config
-    input_ids = batch["input_ids"]
-    features = model.encode_image(batch["pixel_values"])
-    is_image = input_ids == cfg.image_token_id
-    text_ids = mx.where(is_image & (cfg.image_token_id >= cfg.text_config.vocab_size), 0, input_ids)
-    h = model.language_model.embed(text_ids)
-    N = features.shape[1]
-    slot = mx.clip(mx.cumsum(is_image.astype(mx.int32), axis=1) - 1, 0, N - 1)
-    placed = mx.take_along_axis(features, slot[..., None], axis=1)
-    h = mx.where(is_image[..., None], placed.astype(h.dtype), h)
+    h = model.embed_inputs(batch["input_ids"], model.encode_image(batch["pixel_values"]))
     masks = prefix_lm_masks(batch["attention_mask"], batch["token_type_ids"], cfg.text_config.sliding_window)
     hidden = model.language_model(h, masks)
     return model.logits(hidden if last is None else hidden[:, -last:])
