@@ -495,10 +495,8 @@ def write_checkpoint(model: Model, out: Path, src_dir: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _copy_source_files(src_dir, out)
     weights = dict(tree_flatten(model.parameters()))
-    with atomic_path(out / WEIGHTS_FILE) as tmp:
-        target = tmp.with_name(tmp.name + ".safetensors")  # mx.save_safetensors insists on the suffix
-        mx.save_safetensors(str(target), weights, metadata={"format": "mlx"})
-        os.replace(target, tmp)
+    with atomic_path(out / WEIGHTS_FILE, suffix=".safetensors") as tmp:
+        mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
 
 
 def save_weights(model: Model, out: Path, opts: FinetuneOptions, src_dir: Path) -> None:
@@ -525,10 +523,8 @@ def _save_training_state(
 ) -> None:
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     flat = dict(tree_flatten(optimizer.state))
-    with atomic_path(out / OPTIMIZER_FILE) as tmp:
-        target = tmp.with_suffix(".safetensors")
-        mx.save_safetensors(str(target), flat)
-        os.replace(target, tmp)
+    with atomic_path(out / OPTIMIZER_FILE, suffix=".safetensors") as tmp:
+        mx.save_safetensors(str(tmp), flat)
     atomic_write_text(
         out / STATE_FILE, json.dumps({"step": step, "elapsed": elapsed, "options": asdict(opts)}, indent=2) + "\n"
     )

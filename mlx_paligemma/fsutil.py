@@ -25,13 +25,15 @@ def _umask_mode(base: int) -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(target: PathLike) -> Iterator[Path]:
+def atomic_path(target: PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it is renamed to `target` (mode per umask).
 
-    On an exception the temporary file is removed and `target` is left as it was.
+    On an exception the temporary file is removed and `target` is left as it was. `suffix` ends the
+    temporary name, for writers that insist on an extension (`mx.save_safetensors` appends
+    ".safetensors" to any other name).
     """
     target = Path(target).resolve()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -134,10 +134,8 @@ def save_adapters(
     if layers is None:
         wrapped = {path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, LoRALinear)}
         layers = "all" if wrapped & set(MLP) else "attn"
-    with atomic_path(out / ADAPTER_WEIGHTS) as tmp:
-        target = tmp.with_name(tmp.name + ".safetensors")
-        mx.save_safetensors(str(target), weights, metadata={"format": "mlx"})
-        os.replace(target, tmp)
+    with atomic_path(out / ADAPTER_WEIGHTS, suffix=".safetensors") as tmp:
+        mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
     config = {
         "format": "mlx-paligemma-lora",
         "base_model": str(base_model),
