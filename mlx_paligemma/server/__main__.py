@@ -72,22 +72,17 @@ def _is_loopback(host: str) -> bool:
 
 
 def _load(args):
-    import inspect
-
+    """(model id, model, processor): --model, or the embedded demo model when it is not given."""
     import mlx_paligemma as mp
-    from mlx_paligemma.errors import PaliGemmaError
+    from mlx_paligemma.errors import CheckpointError
 
-    kwargs = {"dtype": args.dtype}
-    if args.adapter_path:
-        if "adapter_path" not in inspect.signature(mp.load).parameters:
-            raise PaliGemmaError("--adapter-path: this version of mlx-paligemma cannot load adapters")
-        kwargs["adapter_path"] = args.adapter_path
+    kwargs = {"dtype": args.dtype, "adapter_path": args.adapter_path}
     if args.model is None:
         try:
             return "demo", *mp.load("demo", **kwargs)
-        except PaliGemmaError:
-            raise PaliGemmaError(
-                "no --model given and the embedded demo model is not available: pass --model DIR_OR_REPO_ID"
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"no --model given and the embedded demo model is not available ({e}): pass --model DIR_OR_REPO_ID"
             ) from None
     name = Path(args.model).name if Path(args.model).expanduser().is_dir() else args.model
     return name, *mp.load(args.model, **kwargs)
