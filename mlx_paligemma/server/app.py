@@ -359,7 +359,7 @@ class Server:
             job.cancel()
 
     def segmentations(self, text: str, image_size: tuple[int, int]) -> list[dict]:
-        """Boxes and codes always; masks (COCO RLE) when a mask decoder is loaded (issue 11's API)."""
+        """Boxes and codes always; masks (COCO RLE) when a mask decoder is loaded."""
         if self.mask_decoder is None:
             return [{**d.to_dict(), "seg_codes": d.seg_codes, "mask": None} for d in parse_detections(text, image_size)]
         from ..segmentation import mask_to_rle, parse_segmentations
