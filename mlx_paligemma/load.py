@@ -63,7 +63,10 @@ def load(
         from .sharding import shard_model
 
         shard_model(model, shard_vision=shard_vision)
-        mx.eval(model.parameters())
+        # One at a time, largest first: each whole tensor is read, cut to this rank's part and freed before
+        # the next, so the peak is about the rank's share (or the largest tensor plus its part, if more).
+        for part in sorted((a for _, a in tree_flatten(model.parameters())), key=lambda a: a.nbytes, reverse=True):
+            mx.eval(part)
     if adapter_path is not None:
         from .lora import load_adapters
 

@@ -3,10 +3,10 @@
     python -m tests.two_rank_checks SPEC.json
 
 SPEC: {"out": DIR, "models": {name: checkpoint dir}, "image_dir": DIR, "batch_out": FILE}. Every rank
-writes what it saw to DIR/rank{r}-...: per model the logits of a padded two-row batch, greedy tokens
-and the bytes of the language model it holds; the stdout of `generate --shard`. Then the ranks run
-`batch` over image_dir (split by rank, not sharded), rank 0 writing batch_out. The test compares it
-all with one process.
+writes what it saw to DIR/rank{r}-...: per model the logits of a padded two-row batch, greedy tokens,
+the bytes of the language model it holds and the peak memory of loading; the stdout of
+`generate --shard`. Then the ranks run `batch` over image_dir (split by rank, not sharded), rank 0
+writing batch_out. The test compares it all with one process.
 """
 
 from __future__ import annotations
@@ -60,8 +60,11 @@ def main(spec_path: str) -> int:
     out = Path(spec["out"])
     rank = mx.distributed.init().rank()
     for name, model_dir in spec["models"].items():
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()  # the previous model's outputs, still referenced
         model, processor = mp.load(model_dir, shard=True)
-        found = model_outputs(model, processor)
+        found = {"load_peak": mx.get_peak_memory() - before, **model_outputs(model, processor)}
+        del model
         np.save(out / f"rank{rank}-{name}-logits.npy", found.pop("logits"))
         (out / f"rank{rank}-{name}.json").write_text(json.dumps(found))
 
