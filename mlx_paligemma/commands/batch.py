@@ -134,6 +134,10 @@ def _run(args: argparse.Namespace) -> int:
         from ..mask_decoder import load_mask_decoder
 
         mask_decoder = load_mask_decoder(args.mask_decoder)
+    if rank == 0:
+        from .generate import note_missing_mask_decoder
+
+        note_missing_mask_decoder([item.prompt for item in items[start:]], mask_decoder)
     model, processor = load(args.model, dtype=args.dtype, shard=args.shard)
     processor.max_image_pixels = args.max_image_pixels
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)

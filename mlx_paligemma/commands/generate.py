@@ -139,18 +139,26 @@ def _stats_line(stats) -> str:
     )
 
 
+def is_segment_prompt(prompt: str) -> bool:
+    return prompt.strip().startswith("segment ")
+
+
+def note_missing_mask_decoder(prompts: Sequence[str], mask_decoder) -> None:
+    """One line on stderr when segment prompts will give codes, not masks, for want of a decoder."""
+    if mask_decoder is None and any(is_segment_prompt(p) for p in prompts):
+        print(
+            "note: segment answers hold mask codes; pass --mask-decoder vae-oid.npz to turn them into masks "
+            "(README: Segmentation masks)",
+            file=sys.stderr,
+        )
+
+
 def segmentations(prompts: Sequence[str], results, mask_decoder) -> list:
     """Per result, the masks of a `segment` prompt (None for other prompts, or without a decoder)."""
     from ..segmentation import parse_segmentations
 
-    is_segment = [p.strip().startswith("segment ") for p in prompts]
+    is_segment = [is_segment_prompt(p) for p in prompts]
     if mask_decoder is None:
-        if any(is_segment):
-            print(
-                "note: segment answers hold mask codes; pass --mask-decoder vae-oid.npz to turn them into masks "
-                "(README: Segmentation masks)",
-                file=sys.stderr,
-            )
         return [None] * len(results)
     return [
         parse_segmentations(r.text, r.image_size, mask_decoder) if seg else None for r, seg in zip(results, is_segment)
@@ -254,6 +262,7 @@ def _run(args: argparse.Namespace, writes_files: bool = True) -> int:
         results = generation.generate(model, processor, images, list(args.prompt), **options)
     stats = results[0].stats
     boxes = [parse_detections(r.text, r.image_size) for r in results]
+    note_missing_mask_decoder(args.prompt, mask_decoder)
     segs = segmentations(args.prompt, results, mask_decoder)
 
     if args.json:
