@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -24,7 +25,7 @@ import mlx_paligemma as mp
 from mlx_paligemma.commands import batch
 from mlx_paligemma.config import load_config
 from mlx_paligemma.quantize import quantize
-from mlx_paligemma.sharding import check_shardable
+from mlx_paligemma.sharding import _sharded_to_all, check_shardable
 from tests import two_rank_checks
 from tests.helpers import noise_image
 
@@ -123,3 +124,13 @@ def test_two_ranks_give_one_process_results(pg1_dir, pg2_dir, quantized, tmp_pat
     rows = (tmp_path / "two.jsonl").read_text()
     assert rows == one_rank.read_text()
     assert len(rows.splitlines()) == 6 and '"error"' in rows
+
+
+def test_a_quantized_layer_splits_only_into_whole_groups():
+    class FourRanks:  # only the size matters before any collective is made
+        def size(self) -> int:
+            return 4
+
+    layer = nn.QuantizedLinear(128, 64, bias=False, group_size=64, bits=4)
+    with pytest.raises(mp.PaliGemmaError, match=r"128-wide quantized layer over 4 ranks: each rank's 32 columns"):
+        _sharded_to_all(layer, FourRanks())
