@@ -26,6 +26,7 @@ from tests.helpers import noise_image
 
 PROMPTS = ["caption en", "answer en what is the colour of the thing on the left?"]
 MAX_TOKENS = 12
+VISION_SHARDED = ("pg2", "pg1-q4")  # these also split the vision tower (--shard-vision)
 
 
 def images():
@@ -62,7 +63,7 @@ def main(spec_path: str) -> int:
     for name, model_dir in spec["models"].items():
         mx.reset_peak_memory()
         before = mx.get_active_memory()  # the previous model's outputs, still referenced
-        model, processor = mp.load(model_dir, shard=True)
+        model, processor = mp.load(model_dir, shard=True, shard_vision=name in VISION_SHARDED)
         found = {"load_peak": mx.get_peak_memory() - before, **model_outputs(model, processor)}
         del model
         np.save(out / f"rank{rank}-{name}-logits.npy", found.pop("logits"))
