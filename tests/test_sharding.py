@@ -117,12 +117,13 @@ def test_two_ranks_give_one_process_results(pg1_dir, pg2_dir, quantized, tmp_pat
     assert cli[0]["stdout"] == expected.text + "\n"
     assert cli[1]["stdout"] == ""  # only rank 0 prints
 
-    assert [json.loads((tmp_path / f"rank{rank}-batch.json").read_text())["status"] for rank in (0, 1)] == [0, 0]
+    assert [json.loads((tmp_path / f"rank{rank}-batch.json").read_text())["status"] for rank in (0, 1)] == [[0, 0]] * 2
     one_rank = tmp_path / "one.jsonl"
     args = ["--model", str(pg1_dir), "--images", str(image_dir), "--prompt", two_rank_checks.PROMPTS[0]]
     assert batch.main([*args, "--out", str(one_rank), "--max-batch", "2", "--max-tokens", "6", "--quiet"]) == 0
     rows = (tmp_path / "two.jsonl").read_text()
     assert rows == one_rank.read_text()
+    assert (tmp_path / "two.jsonl.sharded").read_text() == rows  # the model split instead of the images
     assert len(rows.splitlines()) == 6 and '"error"' in rows
 
 

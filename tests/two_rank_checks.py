@@ -5,8 +5,8 @@
 SPEC: {"out": DIR, "models": {name: checkpoint dir}, "image_dir": DIR, "batch_out": FILE}. Every rank
 writes what it saw to DIR/rank{r}-...: per model the logits of a padded two-row batch, greedy tokens,
 the bytes of the language model it holds and the peak memory of loading; the stdout of
-`generate --shard`. Then the ranks run `batch` over image_dir (split by rank, not sharded), rank 0
-writing batch_out. The test compares it all with one process.
+`generate --shard`. Then the ranks run `batch` over image_dir, split by rank (rank 0 writing
+batch_out) and with the model sharded (batch_out + ".sharded"). The test compares it all with one process.
 """
 
 from __future__ import annotations
@@ -85,11 +85,11 @@ def main(spec_path: str) -> int:
 
     from mlx_paligemma.commands import batch
 
-    status = batch.main(
-        ["--model", spec["models"]["pg1"], "--images", spec["image_dir"], "--prompt", PROMPTS[0]]
-        + ["--out", spec["batch_out"], "--max-batch", "2", "--max-tokens", "6", "--quiet"]
-    )
-    (out / f"rank{rank}-batch.json").write_text(json.dumps({"status": status}))
+    args = ["--model", spec["models"]["pg1"], "--images", spec["image_dir"], "--prompt", PROMPTS[0]]
+    args += ["--max-batch", "2", "--max-tokens", "6", "--quiet"]
+    split = batch.main([*args, "--out", spec["batch_out"]])
+    sharded = batch.main([*args, "--out", spec["batch_out"] + ".sharded", "--shard"])
+    (out / f"rank{rank}-batch.json").write_text(json.dumps({"status": [split, sharded]}))
     return 0
 
 
