@@ -108,7 +108,7 @@ def test_resume_refuses_the_output_of_another_input(pg1_dir, images, tmp_path, c
     assert "row 1 is for 'elsewhere.png'" in capsys.readouterr().err
 
 
-def test_a_parquet_dataset_with_an_image_column(pg1_dir, tmp_path):
+def test_a_parquet_file_or_datasets_directory_with_an_image_column(pg1_dir, tmp_path):
     datasets = pytest.importorskip("datasets", reason="the datasets input needs the optional `datasets` package")
     pictures = [noise_image(48, 40, seed=s) for s in (1, 2)]
     table = datasets.Dataset.from_dict(
@@ -125,6 +125,11 @@ def test_a_parquet_dataset_with_an_image_column(pg1_dir, tmp_path):
     expected = mp.generate(model, processor, pictures, ["caption en", "answer en what?"], max_tokens=6)
     assert [r["image"] for r in rows] == ["d.parquet[0]", "d.parquet[1]"]
     assert [r["tokens"] for r in rows] == [e.token_ids for e in expected]
+
+    table.save_to_disk(str(tmp_path / "saved"))  # a `datasets` directory gives the same rows
+    out = tmp_path / "saved.jsonl"
+    assert batch.main(["--model", str(pg1_dir), "--data", str(tmp_path / "saved"), "--out", str(out)] + OPTIONS) == 0
+    assert [{**r, "image": None} for r in rows_of(out)] == [{**r, "image": None} for r in rows]
 
 
 def test_a_dataset_without_the_datasets_package_is_one_clear_error(pg1_dir, tmp_path, monkeypatch, capsys):
