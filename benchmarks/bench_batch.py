@@ -12,9 +12,9 @@
 
 On one host the two ranks share the machine's cores and talk over loopback, so the two-rank figures
 here say that it works and what the collectives cost, not the speed-up: on two Macs each rank has a
-whole GPU and its own memory bandwidth (decode is bandwidth-bound, so it can approach 2x), and each
-collective crosses Thunderbolt or Ethernet (tens of microseconds per all_sum on Thunderbolt 5,
-~100+ on 10 GbE): multiply the measured count per token by that latency.
+whole GPU and its own memory bandwidth (decode is bandwidth-bound, each rank reads half the weights),
+and each collective crosses Thunderbolt or Ethernet: a token's time in collectives is the count per
+token measured here times that link's latency for a few kB.
 """
 
 # ruff: noqa: I001  (mlx_paligemma is imported before mlx.core on purpose: it preloads the fast BLAS)
