@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace, owns_out: bool) -> None:
     if args.max_batch < 1:
         p.error(f"--max-batch: must be at least 1, got {args.max_batch}")
     if args.max_tokens < 1:
@@ -75,6 +75,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error("--images needs --prompt")
     elif not args.data.exists():
         p.error(f"--data: {args.data}: no such file or directory")
+    if not owns_out:  # only rank 0 writes --out; another Mac need not have its folder
+        return
     if args.out.is_dir():
         p.error(f"--out: {args.out} is a directory")
     if not args.out.resolve().parent.is_dir():
@@ -86,7 +88,9 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check_args(parser, args)
+    import mlx.core as mx
+
+    _check_args(parser, args, owns_out=mx.distributed.init().rank() == 0)
     return run_main(parser.prog, lambda: _run(args))
 
 
