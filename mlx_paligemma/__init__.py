@@ -8,8 +8,10 @@ Where things are: `load.py` (MLX) and `reference/` (PyTorch) load checkpoints fo
 `checkpoint.py` and `config.py`; `processor.py` makes numpy inputs; `models/` holds the MLX modules
 and their KV cache; `generation.py` is the library's generation loop (`generate`, `stream_generate`);
 `tasks.py` parses boxes, `segmentation.py` and `mask_decoder.py` turn `<seg>` codes into masks,
-`finetune.py` and `lora.py` train. The command lines: `__main__.py` (`mlx-paligemma SUBCOMMAND`)
-dispatches to `commands/generate.py`, `quantize.py`, `doctor.py`, `finetune.py` and `server/`.
+`finetune.py` and `lora.py` train, `sharding.py` splits a model over `mlx.launch` ranks (tensor parallel),
+`batch_job.py` holds the batch job's inputs, results file and rank merge. The command lines: `__main__.py`
+(`mlx-paligemma SUBCOMMAND`) dispatches to `commands/generate.py`, `commands/batch.py`, `quantize.py`,
+`doctor.py`, `finetune.py` and `server/`.
 """
 
 # First, before anything imports mlx.core: importing blas loads a fast BLAS for MLX's CPU backend on Linux.

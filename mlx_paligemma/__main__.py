@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 # subcommand -> module; a later command is one more line here.
 COMMANDS = {
     "generate": "mlx_paligemma.commands.generate",
+    "batch": "mlx_paligemma.commands.batch",
     "quantize": "mlx_paligemma.quantize",
     "doctor": "mlx_paligemma.doctor",
     "finetune": "mlx_paligemma.finetune",

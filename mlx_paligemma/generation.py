@@ -21,6 +21,7 @@ from .accel import generation_session, generation_stream, on_stream
 from .errors import PaliGemmaError
 from .processor import ImageInput, Processor, check_image_tokens
 from .sampling import make_repetition_penalty, make_sampler
+from .sharding import rank0_tokens
 from .tasks import Detection, answer_prompt, caption_prompt, detect_prompt, parse_detections
 
 
@@ -258,6 +259,7 @@ def _generate_chunks(
                 rows.append(row)
             logits = mx.concatenate(rows, axis=0)
         tokens = sampler(logits.astype(mx.float32) if temperature > 0 else logits).astype(mx.int32)
+        tokens = rank0_tokens(model, tokens)  # a tensor-parallel model's ranks must agree on every token
         if processors:
             for b in range(B):
                 history[b] = mx.concatenate([history[b], tokens[b : b + 1]])

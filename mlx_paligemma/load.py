@@ -36,6 +36,9 @@ def load(
     path_or_repo_id: str | os.PathLike,
     dtype: Optional[str] = None,
     adapter_path: Optional[str | os.PathLike] = None,
+    *,
+    shard: bool = False,
+    shard_vision: bool = False,
 ) -> tuple[Model, Processor]:
     """Load a PaliGemma 1 or 2 checkpoint, computing in the dtype that is fast on the device.
 
@@ -43,9 +46,27 @@ def load(
     checkpoints, because MLX's CPU half-precision kernels are scalar (float32 uses the BLAS, ~10-50x
     faster). The cast happens per tensor while loading: there is never a second copy. `dtype` wins.
     `adapter_path`: a LoRA adapter directory written by `mlx_paligemma.finetune`, applied on top.
+    `shard=True` (under `mlx.launch`): split the language model over the ranks of
+    `mx.distributed.init()` (see `sharding.py`); each rank reads only its part of every weight.
+    `shard_vision=True` splits the vision tower too (default: every rank keeps it whole).
     """
+    if shard_vision and not shard:
+        raise PaliGemmaError("shard_vision=True needs shard=True")
+    if shard and adapter_path is not None:
+        raise PaliGemmaError(
+            "adapter_path with shard=True: merge the adapter first (mlx-paligemma finetune --merge), "
+            "then shard the merged checkpoint"
+        )
     model_dir = resolve_model_dir(path_or_repo_id)
-    model = load_model(model_dir, dtype, float32_on_cpu=True)
+    model = load_model(model_dir, dtype, lazy=shard, float32_on_cpu=True)
+    if shard:
+        from .sharding import shard_model
+
+        shard_model(model, shard_vision=shard_vision)
+        # One at a time, largest first: each whole tensor is read, cut to this rank's part and freed before
+        # the next, so the peak is about the rank's share (or the largest tensor plus its part, if more).
+        for part in sorted((a for _, a in tree_flatten(model.parameters())), key=lambda a: a.nbytes, reverse=True):
+            mx.eval(part)
     if adapter_path is not None:
         from .lora import load_adapters
 

@@ -8,6 +8,7 @@ tensor into shards, so memory stays at about one shard whatever the model's size
     python -m tools.presets 3b OUT_DIR                        # paligemma-3b-pt-224, 5.9 GB bf16
     python -m tools.presets 3b-pg2 OUT_DIR --image-size 448   # paligemma2-3b-pt-448's shapes
     python -m tools.presets tiny-pg2 OUT_DIR                  # the tests' tiny PaliGemma 2
+    python -m tools.presets 10b-pg2-4bit OUT_DIR              # paligemma2-10b-pt-224, 4-bit: ~6 GB, built blockwise
 
 The tiny tokenizer of tools/make_tiny_checkpoint.py is reused: ids past its vocabulary are unused
 embedding rows, and `image_token_index` is the tiny tokenizer's `<image>` id (not the real 257152), so
@@ -137,8 +138,11 @@ SPECS = {
     "28b-pg2": PALIGEMMA2_28B,
 }
 TINY_VERSIONS = {"tiny": 1, "tiny-pg2": 2}  # built by make_tiny_checkpoint (its own tiny shapes)
-PRESETS = ("tiny", "tiny-pg2", "mid", "3b", "3b-pg2")
+# Too big in bf16 for a 24 GB machine, so written 4-bit (group 64) tensor by tensor: (spec, bits).
+QUANTIZED_PRESETS = {"10b-pg2-4bit": ("10b-pg2", 4), "28b-pg2-4bit": ("28b-pg2", 4)}
+PRESETS = ("tiny", "tiny-pg2", "mid", "3b", "3b-pg2", *QUANTIZED_PRESETS)
 PRESET_DTYPES = {"tiny": "float32", "tiny-pg2": "float32", "mid": "float32", "3b": "bfloat16", "3b-pg2": "bfloat16"}
+PRESET_DTYPES.update(dict.fromkeys(QUANTIZED_PRESETS, "bfloat16"))  # of what stays float (vision, norms)
 
 
 def spec_shapes(spec: dict, image_size: int = 224) -> dict[str, tuple[int, ...]]:
@@ -318,9 +322,111 @@ def build_preset(
             weight_scale=1.0,
         )
         return _build_atomically(Path(out_dir), replace, options)
+    if name in QUANTIZED_PRESETS:
+        spec, bits = QUANTIZED_PRESETS[name]
+        return make_quantized_spec_checkpoint(
+            out_dir, SPECS[spec], bits=bits, dtype=dtype, seed=seed, image_size=image_size or 224, replace=replace
+        )
     return make_spec_checkpoint(
         out_dir, SPECS[name], dtype=dtype, seed=seed, image_size=image_size or 224, replace=replace
     )
+
+
+def make_quantized_spec_checkpoint(
+    out_dir,
+    spec: dict,
+    bits: int = 4,
+    group_size: int = 64,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    image_size: int = 224,
+    *,
+    shard_bytes: int = 1024**3,
+    replace: bool = False,
+) -> Path:
+    """A random checkpoint with the spec's shapes, quantized as `mlx-paligemma quantize --bits B` writes it.
+
+    For models whose float weights do not fit (10B is 20 GB and 28B 56 GB in bf16): each decoder matrix
+    is drawn a block of rows at a time, cast to `dtype`, quantized and evaluated before the next block,
+    so memory stays at one block (256 MB) plus one output shard (`shard_bytes`). What
+    `mlx-paligemma quantize` keeps float (vision tower, projector, norms) is written in `dtype`.
+    """
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and any(out_dir.iterdir()) and not replace:
+        raise FileExistsError(f"{out_dir} exists and is not empty")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.mkdir()
+    try:
+        _write_quantized_spec_checkpoint(tmp, spec, bits, group_size, dtype, seed, image_size, shard_bytes)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _random_quantized(shape, dtype, key, group_size: int, bits: int) -> dict:
+    """weight/scales/biases of a random (rows, cols) matrix, drawn and quantized in 256 MB row blocks."""
+    import mlx.core as mx
+
+    rows, cols = shape
+    block = max(1, (256 * 1024**2) // (cols * 4))
+    starts = range(0, rows, block)
+    parts = []
+    for start, block_key in zip(starts, mx.random.split(key, len(starts))):
+        w = mx.random.normal((min(block, rows - start), cols), key=block_key) * cols**-0.5
+        parts.append(mx.quantize(w.astype(dtype), group_size, bits))
+        mx.eval(parts[-1])
+    return {name: mx.concatenate([p[i] for p in parts]) for i, name in enumerate(("weight", "scales", "biases"))}
+
+
+def _write_quantized_spec_checkpoint(
+    out_dir: Path, spec: dict, bits: int, group_size: int, dtype: str, seed: int, image_size: int, shard_bytes: int
+) -> None:
+    import mlx.core as mx
+
+    from mlx_paligemma.dtypes import mlx_dtypes
+
+    mx_dtype = mlx_dtypes()[dtype]
+    shapes = spec_shapes(spec, image_size)
+    image_token_index = write_processor_files(out_dir, image_size, (image_size // spec["vision"]["patch_size"]) ** 2)
+    keys = mx.random.split(mx.random.key(seed), len(shapes))
+    shard: dict[str, mx.array] = {}
+    files: list[list[str]] = []
+
+    def flush() -> None:
+        if shard:
+            files.append(list(shard))
+            mx.save_safetensors(str(out_dir / f"part-{len(files)}.safetensors"), shard, metadata={"format": "mlx"})
+            shard.clear()
+
+    for (name, shape), key in zip(shapes.items(), keys):
+        if name.startswith("language_model.") and len(shape) == 2 and shape[1] % group_size == 0:
+            for part, array in _random_quantized(shape, mx_dtype, key, group_size, bits).items():
+                shard[f"{name[: -len('weight')]}{part}"] = array
+        else:  # as `random_tensor`: LayerNorm weights around 1, other vectors around 0, matrices 1/sqrt(fan-in)
+            if len(shape) == 1:
+                mean = 1.0 if name.startswith("vision_tower.") and "norm" in name and name.endswith(".weight") else 0.0
+                array = mx.random.normal(shape, key=key) * 0.1 + mean
+            else:
+                array = mx.random.normal(shape, key=key) * math.prod(shape[1:]) ** -0.5
+            shard[name] = array.astype(mx_dtype)
+            mx.eval(shard[name])
+        if sum(a.nbytes for a in shard.values()) >= shard_bytes:
+            flush()
+    flush()
+    names = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    for i, name in enumerate(names):
+        (out_dir / f"part-{i + 1}.safetensors").rename(out_dir / name)
+    weight_map = {key: name for name, keys_in in zip(names, files) for key in keys_in}
+    total = sum((out_dir / name).stat().st_size for name in names)
+    _write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    config = spec_config(spec, image_size, dtype, image_token_index)
+    config["quantization"] = config["quantization_config"] = {"group_size": group_size, "bits": bits}
+    _write_json(out_dir / "config.json", config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,7 +452,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors")) / 1e9
-    name = SPECS[args.preset]["name"] if args.preset in SPECS else f"tiny PaliGemma {TINY_VERSIONS[args.preset]}"
+    if args.preset in QUANTIZED_PRESETS:
+        spec, bits = QUANTIZED_PRESETS[args.preset]
+        name = f"{SPECS[spec]['name']} {bits}-bit"
+    else:
+        name = SPECS[args.preset]["name"] if args.preset in SPECS else f"tiny PaliGemma {TINY_VERSIONS[args.preset]}"
     print(out_dir)
     print(
         f"{name} shapes, random weights, {dtype}, {size:.2f} GB, seed {args.seed}, "

@@ -10,7 +10,9 @@ batch. User errors print one line on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -85,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"refuse image files larger than this many pixels (default {DEFAULT_MAX_IMAGE_PIXELS:,})",
     )
     p.add_argument("--verbose", action="store_true", help="print timing and memory statistics to stderr")
+    p.add_argument(
+        "--shard",
+        action="store_true",
+        help="under mlx.launch: split the language model over the ranks (tensor parallel); rank 0 prints",
+    )
+    p.add_argument("--shard-vision", action="store_true", help="with --shard: split the vision tower too")
     return p
 
 
@@ -105,6 +113,10 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"got {len(args.image)} --image and {len(args.prompt)} --prompt: give one prompt per image")
     if args.device is not None and args.backend != "torch":
         p.error("--device applies to --backend torch only")
+    if args.shard_vision and not args.shard:
+        p.error("--shard-vision needs --shard")
+    if args.shard and args.backend != "mlx":
+        p.error("--shard applies to --backend mlx only")
     if args.draw is not None:
         if len(args.image) != 1:
             p.error("--draw takes exactly one --image")
@@ -127,29 +139,61 @@ def _stats_line(stats) -> str:
     )
 
 
-def _segmentations(args: argparse.Namespace, results, mask_decoder) -> list:
+def is_segment_prompt(prompt: str) -> bool:
+    return prompt.strip().startswith("segment ")
+
+
+def note_missing_mask_decoder(prompts: Sequence[str], mask_decoder) -> None:
+    """One line on stderr when segment prompts will give codes, not masks, for want of a decoder."""
+    if mask_decoder is None and any(is_segment_prompt(p) for p in prompts):
+        print(
+            "note: segment answers hold mask codes; pass --mask-decoder vae-oid.npz to turn them into masks "
+            "(README: Segmentation masks)",
+            file=sys.stderr,
+        )
+
+
+def segmentations(prompts: Sequence[str], results, mask_decoder) -> list:
     """Per result, the masks of a `segment` prompt (None for other prompts, or without a decoder)."""
     from ..segmentation import parse_segmentations
 
-    is_segment = [p.strip().startswith("segment ") for p in args.prompt]
+    is_segment = [is_segment_prompt(p) for p in prompts]
     if mask_decoder is None:
-        if any(is_segment):
-            print(
-                "note: segment answers hold mask codes; pass --mask-decoder vae-oid.npz to turn them into masks "
-                "(README: Segmentation masks)",
-                file=sys.stderr,
-            )
         return [None] * len(results)
     return [
         parse_segmentations(r.text, r.image_size, mask_decoder) if seg else None for r, seg in zip(results, is_segment)
     ]
 
 
+def json_row(prompt: str, result, found_segmentations: Optional[list] = None) -> dict:
+    """One answer as `--json` prints it (and `mlx-paligemma batch` writes it): text, tokens, boxes in
+    the original image's pixels, and for a `segment` prompt decoded with a mask decoder its masks."""
+    from ..tasks import parse_detections
+
+    row = {
+        "prompt": prompt,
+        "text": result.text,
+        "tokens": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "boxes": [d.to_dict() for d in parse_detections(result.text, result.image_size)],
+    }
+    if found_segmentations is not None:
+        row["segmentations"] = [seg.to_dict() for seg in found_segmentations]
+    return row
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    return run_main(parser.prog, lambda: _run(args))
+    if not args.shard:
+        return run_main(parser.prog, lambda: _run(args))
+    import mlx.core as mx
+
+    if mx.distributed.init().rank() == 0:
+        return run_main(parser.prog, lambda: _run(args))
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # every rank computes, rank 0 speaks
+        return run_main(parser.prog, lambda: _run(args, writes_files=False))
 
 
 def _printed(chunks: Iterator) -> Iterator:
@@ -160,7 +204,7 @@ def _printed(chunks: Iterator) -> Iterator:
     print()
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, writes_files: bool = True) -> int:
     from .. import generation
     from ..tasks import draw_detections, parse_detections
 
@@ -185,7 +229,13 @@ def _run(args: argparse.Namespace) -> int:
     else:
         from ..load import load
 
-        model, processor = load(args.model, dtype=args.dtype, adapter_path=args.adapter_path)
+        model, processor = load(
+            args.model,
+            dtype=args.dtype,
+            adapter_path=args.adapter_path,
+            shard=args.shard,
+            shard_vision=args.shard_vision,
+        )
     processor.max_image_pixels = args.max_image_pixels
     try:
         images = [processor.load_image(path) for path in args.image]
@@ -212,28 +262,17 @@ def _run(args: argparse.Namespace) -> int:
         results = generation.generate(model, processor, images, list(args.prompt), **options)
     stats = results[0].stats
     boxes = [parse_detections(r.text, r.image_size) for r in results]
-    segs = _segmentations(args, results, mask_decoder)
+    note_missing_mask_decoder(args.prompt, mask_decoder)
+    segs = segmentations(args.prompt, results, mask_decoder)
 
     if args.json:
-        rows = [
-            {
-                "prompt": p,
-                "text": r.text,
-                "tokens": r.token_ids,
-                "finish_reason": r.finish_reason,
-                "boxes": [d.to_dict() for d in b],
-            }
-            for p, r, b in zip(args.prompt, results, boxes)
-        ]
-        for row, found in zip(rows, segs):
-            if found is not None:
-                row["segmentations"] = [seg.to_dict() for seg in found]
+        rows = [json_row(p, r, found) for p, r, found in zip(args.prompt, results, segs)]
         out = {**rows[0], "stats": asdict(stats)} if single else {"results": rows, "stats": asdict(stats)}
         print(json.dumps(out, ensure_ascii=False))
     elif not stream:
         for i, r in enumerate(results):
             print(r.text if single else f"[{i}] {r.text}")
-    if args.draw is not None:
+    if args.draw is not None and writes_files:
         if segs[0] is not None:
             from ..segmentation import draw_segmentations
 
@@ -242,7 +281,7 @@ def _run(args: argparse.Namespace) -> int:
             drawn = draw_detections(images[0], boxes[0])
         with atomic_path(args.draw) as tmp:
             drawn.save(tmp, format="PNG")
-    if args.verbose:
+    if args.verbose and writes_files:
         print(_stats_line(stats), file=sys.stderr)
     return 0
 
