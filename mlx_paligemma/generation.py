@@ -19,7 +19,7 @@ import numpy as np
 
 from .accel import generation_session, generation_stream, on_stream
 from .errors import PaliGemmaError
-from .grammar import with_answer_grammar
+from .grammar import requested_only, with_answer_grammar
 from .processor import ImageInput, Processor, check_image_tokens
 from .sampling import LogitsProcessor, make_repetition_penalty, make_sampler
 from .tasks import Detection, answer_prompt, caption_prompt, detect_prompt, parse_detections
@@ -407,7 +407,8 @@ def detect(
     (`grammar.answer_grammar`): four locs, a requested label, ` ; ` or the end, so it always parses.
     """
     prompt = detect_prompt(labels)
-    if constrain:
-        kwargs = with_answer_grammar(processor, prompt, kwargs)
-    result = generate(model, processor, image, prompt, **kwargs)
-    return parse_detections(result.text, result.image_size)
+    if not constrain:
+        result = generate(model, processor, image, prompt, **kwargs)
+        return parse_detections(result.text, result.image_size)
+    result = generate(model, processor, image, prompt, **with_answer_grammar(processor, prompt, kwargs))
+    return requested_only(parse_detections(result.text, result.image_size), prompt)

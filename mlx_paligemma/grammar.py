@@ -18,10 +18,11 @@ allowed, and a model that has learnt the format gives the same answer with the g
 
 The state machine runs on the device: a token's class (eos, loc, seg, one class per trie token,
 or forbidden) is a table over the vocabulary, and a state's allowed classes and successors are
-small (states x classes) tables. One step is a few gathers over the vocabulary and a `where`,
-all lazy, so the decode loop never waits on the host for it (mlx-lm's processors read
-`tokens[-1].item()`, a sync per step). The processor is mlx-lm's shape, `proc(tokens, logits)`;
-each row needs its own instance (`answer_grammar` makes one), the tables are shared.
+small (states x classes) tables. One step reads the generated token's class, then masks the
+~1200 ids that can ever be allowed and fills the rest with -inf; all lazy, so the decode loop
+never waits on the host for it (mlx-lm's processors read `tokens[-1].item()`, a sync per step).
+The processor is mlx-lm's shape, `proc(tokens, logits)`; each row needs its own instance
+(`answer_grammar` makes one), the tables are shared.
 """
 
 from __future__ import annotations
@@ -51,27 +52,36 @@ Y1_STATE, X1_STATE = 2, 3  # reading y1 (>= y0) and x1 (>= x0)
 
 @dataclass
 class AnswerGrammar:
-    """The tables of one task and label set, shared by every row that asks the same prompt."""
+    """The tables of one task and label set, shared by every row that asks the same prompt.
+
+    Only `candidates` (eos, the loc and seg tokens, the labels' tokens: ~1200 ids) can ever be
+    allowed, so a step works on those and leaves every other id at -inf without reading it: no
+    gather or compare over the whole vocabulary (257k ids), only one fill.
+    """
 
     task: str
     labels: tuple[str, ...]
     allowed: mx.array  # (states, classes) bool
     next_state: mx.array  # (states, classes) int32
-    token_class: np.ndarray  # (tokenizer vocabulary,) int32
-    loc_value: np.ndarray  # (tokenizer vocabulary,) int32: a loc token's bin, LOC_BINS for every other token
+    candidates: mx.array  # (U,) int32: the ids any state may allow
+    candidate_class: mx.array  # (U,) int32
+    candidate_loc: mx.array  # (U,) int32: a loc token's bin, LOC_BINS for every other candidate
+    token_class: np.ndarray  # (tokenizer vocabulary,) int32: FORBIDDEN for every non-candidate
+    loc_value: np.ndarray  # (tokenizer vocabulary,) int32
     done_state: int
     _by_vocab: dict[int, tuple[mx.array, mx.array]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def vocab_tables(self, vocab: int) -> tuple[mx.array, mx.array]:
-        """`token_class` and `loc_value` sized for logits of `vocab` entries (the model pads its
-        vocabulary past the tokenizer's: those ids are forbidden)."""
+        """`token_class` and `loc_value` covering every id of logits of `vocab` entries (the model pads
+        its vocabulary past the tokenizer's: those ids are forbidden), to read a generated token's class."""
         with self._lock:
             if vocab not in self._by_vocab:
-                n = min(vocab, len(self.token_class))
-                token_class = np.zeros(vocab, np.int32)
-                loc_value = np.full(vocab, LOC_BINS, np.int32)
-                token_class[:n], loc_value[:n] = self.token_class[:n], self.loc_value[:n]
+                n = len(self.token_class)
+                if vocab < n:
+                    raise PaliGemmaError(f"logits of {vocab} entries for a tokenizer of {n} ids: not this model's")
+                token_class = np.pad(self.token_class, (0, vocab - n))  # FORBIDDEN is 0
+                loc_value = np.pad(self.loc_value, (0, vocab - n), constant_values=LOC_BINS)
                 self._by_vocab[vocab] = (mx.array(token_class), mx.array(loc_value))
             return self._by_vocab[vocab]
 
@@ -91,19 +101,19 @@ class GrammarProcessor:
         self.seen = 0
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        token_class, loc_value = self.grammar.vocab_tables(logits.shape[-1])
+        g = self.grammar
+        token_class, loc_value = g.vocab_tables(logits.shape[-1])
         for i in range(self.seen, tokens.shape[0]):  # one token per decode step
-            self._advance(tokens[i], token_class, loc_value)
+            token = tokens[i]
+            self.state = g.next_state[self.state, token_class[token]]
+            self.y0 = mx.where(self.state == 1, loc_value[token], self.y0)
+            self.x0 = mx.where(self.state == 2, loc_value[token], self.x0)
         self.seen = tokens.shape[0]
-        allowed = self.grammar.allowed[self.state][token_class]
         bound = mx.where(self.state == Y1_STATE, self.y0, mx.where(self.state == X1_STATE, self.x0, 0))
-        allowed = allowed & (loc_value >= bound)
-        return mx.where(allowed, logits, mx.array(-mx.inf, logits.dtype))
-
-    def _advance(self, token: mx.array, token_class: mx.array, loc_value: mx.array) -> None:
-        self.state = self.grammar.next_state[self.state, token_class[token]]
-        self.y0 = mx.where(self.state == 1, loc_value[token], self.y0)
-        self.x0 = mx.where(self.state == 2, loc_value[token], self.x0)
+        ok = g.allowed[self.state][g.candidate_class] & (g.candidate_loc >= bound)
+        neg_inf = mx.array(-mx.inf, logits.dtype)
+        kept = mx.where(ok, logits[:, g.candidates], neg_inf)
+        return mx.put_along_axis(mx.full(logits.shape, neg_inf), g.candidates[None], kept, axis=-1)
 
 
 def prompt_labels(prompt: str) -> Optional[tuple[str, tuple[str, ...]]]:
@@ -202,7 +212,19 @@ def _build(tokenizer: Any, task: str, labels: tuple[str, ...]) -> AnswerGrammar:
         if may_end[node]:
             allow(root + node, EOS, done)
     allow(done, EOS, done)  # a finished row may be stepped again; it stays finished
-    return AnswerGrammar(task, labels, mx.array(allowed), mx.array(next_state), token_class, loc_value, done)
+    candidates = np.flatnonzero(token_class != FORBIDDEN).astype(np.int32)
+    return AnswerGrammar(
+        task,
+        labels,
+        allowed=mx.array(allowed),
+        next_state=mx.array(next_state),
+        candidates=mx.array(candidates),
+        candidate_class=mx.array(token_class[candidates]),
+        candidate_loc=mx.array(loc_value[candidates]),
+        token_class=token_class,
+        loc_value=loc_value,
+        done_state=done,
+    )
 
 
 def answer_grammar(processor: Any, prompt: str) -> Optional[GrammarProcessor]:
@@ -235,3 +257,11 @@ def with_answer_grammar(processor: Any, prompt: str, options: dict[str, Any]) ->
     if grammar is None:
         return options
     return {**options, "logits_processors": [*(options.get("logits_processors") or []), grammar]}
+
+
+def requested_only(objects: Sequence[Any], prompt: str) -> list[Any]:
+    """The parsed objects (detections, segmentations) whose label the prompt asked for: a constrained
+    answer cut by `max_tokens` may end in part of a label (`red` of `red car`)."""
+    found = prompt_labels(prompt)
+    labels = set(found[1]) if found else set()
+    return [obj for obj in objects if obj.label in labels]

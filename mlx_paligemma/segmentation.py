@@ -104,13 +104,14 @@ def segment(
     answer is restricted to the segmentation grammar (`grammar.answer_grammar`), so it always parses.
     """
     from .generation import generate
-    from .grammar import with_answer_grammar
+    from .grammar import requested_only, with_answer_grammar
 
     prompt = segment_prompt(labels)
-    if constrain:
-        kwargs = with_answer_grammar(processor, prompt, kwargs)
-    result = generate(model, processor, image, prompt, **kwargs)
-    return parse_segmentations(result.text, result.image_size, mask_decoder)
+    if not constrain:
+        result = generate(model, processor, image, prompt, **kwargs)
+        return parse_segmentations(result.text, result.image_size, mask_decoder)
+    result = generate(model, processor, image, prompt, **with_answer_grammar(processor, prompt, kwargs))
+    return requested_only(parse_segmentations(result.text, result.image_size, mask_decoder), prompt)
 
 
 # --- COCO run-length encoding ----------------------------------------------------------------------------
