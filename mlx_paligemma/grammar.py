@@ -27,10 +27,8 @@ The processor is mlx-lm's shape, `proc(tokens, logits)`; each row needs its own 
 
 from __future__ import annotations
 
-import functools
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -50,7 +48,7 @@ START = 0
 Y1_STATE, X1_STATE = 2, 3  # reading y1 (>= y0) and x1 (>= x0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AnswerGrammar:
     """The tables of one task and label set, shared by every row that asks the same prompt.
 
@@ -66,24 +64,6 @@ class AnswerGrammar:
     candidates: mx.array  # (U,) int32: the ids any state may allow
     candidate_class: mx.array  # (U,) int32
     candidate_loc: mx.array  # (U,) int32: a loc token's bin, LOC_BINS for every other candidate
-    token_class: np.ndarray  # (tokenizer vocabulary,) int32: FORBIDDEN for every non-candidate
-    loc_value: np.ndarray  # (tokenizer vocabulary,) int32
-    done_state: int
-    _by_vocab: dict[int, tuple[mx.array, mx.array]] = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def vocab_tables(self, vocab: int) -> tuple[mx.array, mx.array]:
-        """`token_class` and `loc_value` covering every id of logits of `vocab` entries (the model pads
-        its vocabulary past the tokenizer's: those ids are forbidden), to read a generated token's class."""
-        with self._lock:
-            if vocab not in self._by_vocab:
-                n = len(self.token_class)
-                if vocab < n:
-                    raise PaliGemmaError(f"logits of {vocab} entries for a tokenizer of {n} ids: not this model's")
-                token_class = np.pad(self.token_class, (0, vocab - n))  # FORBIDDEN is 0
-                loc_value = np.pad(self.loc_value, (0, vocab - n), constant_values=LOC_BINS)
-                self._by_vocab[vocab] = (mx.array(token_class), mx.array(loc_value))
-            return self._by_vocab[vocab]
 
 
 class GrammarProcessor:
@@ -102,12 +82,12 @@ class GrammarProcessor:
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         g = self.grammar
-        token_class, loc_value = g.vocab_tables(logits.shape[-1])
         for i in range(self.seen, tokens.shape[0]):  # one token per decode step
-            token = tokens[i]
-            self.state = g.next_state[self.state, token_class[token]]
-            self.y0 = mx.where(self.state == 1, loc_value[token], self.y0)
-            self.x0 = mx.where(self.state == 2, loc_value[token], self.x0)
+            match = g.candidates == tokens[i]  # none for a token outside the grammar: class FORBIDDEN
+            self.state = g.next_state[self.state, (match * g.candidate_class).sum()]
+            value = (match * g.candidate_loc).sum()
+            self.y0 = mx.where(self.state == 1, value, self.y0)
+            self.x0 = mx.where(self.state == 2, value, self.x0)
         self.seen = tokens.shape[0]
         bound = mx.where(self.state == Y1_STATE, self.y0, mx.where(self.state == X1_STATE, self.x0, 0))
         ok = g.allowed[self.state][g.candidate_class] & (g.candidate_loc >= bound)
@@ -159,7 +139,6 @@ def _label_paths(tokenizer: Any, task: str, label: str, structure: set[int]) -> 
     return runs[0], runs[1]
 
 
-@functools.lru_cache(maxsize=64)
 def _build(tokenizer: Any, task: str, labels: tuple[str, ...]) -> AnswerGrammar:
     locs, segs = _structure_ids(tokenizer)
     structure = set(locs) | set(segs)
@@ -182,13 +161,12 @@ def _build(tokenizer: Any, task: str, labels: tuple[str, ...]) -> AnswerGrammar:
             ends[node] = True
 
     trie_tokens = sorted({t for node in children for t in node})
-    vocab = max(tokenizer.vocab_size, max(structure) + 1, max(trie_tokens, default=0) + 1)
-    token_class = np.full(vocab, FORBIDDEN, np.int32)
-    token_class[locs], token_class[segs] = LOC, SEG
-    token_class[trie_tokens] = TRIE + np.arange(len(trie_tokens), dtype=np.int32)
-    token_class[tokenizer.eos_id] = EOS
-    loc_value = np.full(vocab, LOC_BINS, np.int32)
-    loc_value[locs] = np.arange(LOC_BINS, dtype=np.int32)
+    token_class = {tokenizer.eos_id: EOS}
+    token_class.update({t: LOC for t in locs})
+    token_class.update({t: SEG for t in segs})
+    token_class.update({t: TRIE + i for i, t in enumerate(trie_tokens)})
+    candidates = sorted(token_class)
+    loc_bin = {t: v for v, t in enumerate(locs)}
 
     done = root + len(children)
     states, classes = done + 1, TRIE + len(trie_tokens)
@@ -203,27 +181,22 @@ def _build(tokenizer: Any, task: str, labels: tuple[str, ...]) -> AnswerGrammar:
         allow(k, LOC, k + 1)
     for k in range(4, root):
         allow(k, SEG, k + 1)
-    trie_class = {t: TRIE + i for i, t in enumerate(trie_tokens)}
     for node, kids in enumerate(children):
         for token, child in kids.items():
-            allow(root + node, trie_class[token], root + child)
+            allow(root + node, token_class[token], root + child)
         if object_follows[node]:
             allow(root + node, LOC, 1)
         if may_end[node]:
             allow(root + node, EOS, done)
     allow(done, EOS, done)  # a finished row may be stepped again; it stays finished
-    candidates = np.flatnonzero(token_class != FORBIDDEN).astype(np.int32)
     return AnswerGrammar(
         task,
         labels,
         allowed=mx.array(allowed),
         next_state=mx.array(next_state),
-        candidates=mx.array(candidates),
-        candidate_class=mx.array(token_class[candidates]),
-        candidate_loc=mx.array(loc_value[candidates]),
-        token_class=token_class,
-        loc_value=loc_value,
-        done_state=done,
+        candidates=mx.array(candidates, mx.int32),
+        candidate_class=mx.array([token_class[t] for t in candidates], mx.int32),
+        candidate_loc=mx.array([loc_bin.get(t, LOC_BINS) for t in candidates], mx.int32),
     )
 
 
