@@ -22,7 +22,7 @@ small (states x classes) tables. One step reads the generated token's class, the
 ~1200 ids that can ever be allowed and fills the rest with -inf; all lazy, so the decode loop
 never waits on the host for it (mlx-lm's processors read `tokens[-1].item()`, a sync per step).
 The processor is mlx-lm's shape, `proc(tokens, logits)`; each row needs its own instance
-(`answer_grammar` makes one), the tables are shared.
+(`answer_grammar` makes one: ~5 ms with a 257k vocabulary, mostly looking up the loc/seg ids).
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ START = 0
 Y1_STATE, X1_STATE = 2, 3  # reading y1 (>= y0) and x1 (>= x0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AnswerGrammar:
-    """The tables of one task and label set, shared by every row that asks the same prompt.
+    """The tables of one task and label set; immutable, so rows asking the same prompt may share them.
 
     Only `candidates` (eos, the loc and seg tokens, the labels' tokens: ~1200 ids) can ever be
     allowed, so a step works on those and leaves every other id at -inf without reading it: no
