@@ -19,8 +19,9 @@ import numpy as np
 
 from .accel import generation_session, generation_stream, on_stream
 from .errors import PaliGemmaError
+from .grammar import requested_only, with_answer_grammar
 from .processor import ImageInput, Processor, check_image_tokens
-from .sampling import make_repetition_penalty, make_sampler
+from .sampling import LogitsProcessor, make_repetition_penalty, make_sampler
 from .sharding import rank0_tokens
 from .tasks import Detection, answer_prompt, caption_prompt, detect_prompt, parse_detections
 
@@ -212,7 +213,10 @@ def _generate_chunks(
     top_k: int = 0,
     repetition_penalty: Optional[float] = None,
     seed: Optional[int] = None,
+    logits_processors: Optional[Sequence[Sequence[LogitsProcessor]]] = None,
 ) -> Iterator[GenerationChunk]:
+    """`logits_processors`: per row, mlx-lm-shaped processors applied after the repetition penalty
+    (one instance per row: a grammar's processor holds its row's state)."""
     _check_options(max_tokens, temperature, top_p, top_k, repetition_penalty)
     if len(images) != len(prompts):
         raise PaliGemmaError(f"{len(images)} images for {len(prompts)} prompts: pass one image per prompt")
@@ -245,22 +249,25 @@ def _generate_chunks(
     if seed is not None:
         mx.random.seed(seed)
     sampler = make_sampler(temperature, top_p, top_k)
-    processors = [make_repetition_penalty(repetition_penalty)] if repetition_penalty else []
     B = len(prompts)
+    if logits_processors is not None and len(logits_processors) != B:
+        raise PaliGemmaError(f"{len(logits_processors)} logits_processors lists for {B} prompts: pass one per prompt")
+    penalty = [make_repetition_penalty(repetition_penalty)] if repetition_penalty else []
+    processors = [penalty + list(logits_processors[b] if logits_processors else []) for b in range(B)]
     history = [mx.zeros((0,), mx.int32) for _ in range(B)]
 
     def sample(logits: mx.array) -> mx.array:
-        if processors:
+        if any(processors):
             rows = []
             for b in range(B):
                 row = logits[b : b + 1]
-                for proc in processors:
+                for proc in processors[b]:
                     row = proc(history[b], row)
                 rows.append(row)
             logits = mx.concatenate(rows, axis=0)
         tokens = sampler(logits.astype(mx.float32) if temperature > 0 else logits).astype(mx.int32)
         tokens = rank0_tokens(model, tokens)  # a tensor-parallel model's ranks must agree on every token
-        if processors:
+        if any(processors):
             for b in range(B):
                 history[b] = mx.concatenate([history[b], tokens[b : b + 1]])
         return tokens
@@ -306,6 +313,8 @@ def stream_generate(
     model: Any, processor: Processor, image: Union[ImageInput, ImageEmbedding], prompt: str, **kwargs
 ) -> Iterator[GenerationChunk]:
     """Stream the answer to one prompt about one image, chunk by chunk (same options as `generate`)."""
+    if kwargs.get("logits_processors") is not None:
+        kwargs["logits_processors"] = [kwargs["logits_processors"]]
     return _stream_batch(model, processor, [image], [prompt], **kwargs)
 
 
@@ -320,8 +329,13 @@ def generate(
     top_k: int = 0,
     repetition_penalty: Optional[float] = None,
     seed: Optional[int] = None,
+    logits_processors: Optional[Sequence[Any]] = None,
 ) -> Union[GenerationResult, list[GenerationResult]]:
-    """Answer a prompt about an image; lists of images and prompts run as one batch (a list back)."""
+    """Answer a prompt about an image; lists of images and prompts run as one batch (a list back).
+
+    `logits_processors`: mlx-lm-shaped `proc(tokens, logits) -> logits` applied after the repetition
+    penalty; for a batch, one list per prompt (`grammar.grammar_processors` makes them for detect/segment).
+    """
     batched = not isinstance(prompt, str)
     prompts = list(prompt) if batched else [prompt]
     images = list(image) if isinstance(image, (list, tuple)) else [image]
@@ -339,6 +353,7 @@ def generate(
         top_k=top_k,
         repetition_penalty=repetition_penalty,
         seed=seed,
+        logits_processors=logits_processors if batched or logits_processors is None else [logits_processors],
     )
     results = collect_results(processor, chunks, sizes)
     return results if batched else results[0]
@@ -385,8 +400,17 @@ def detect(
     processor: Processor,
     image: Union[ImageInput, ImageEmbedding],
     labels: Union[str, Sequence[str]],
+    constrain: bool = True,
     **kwargs,
 ) -> list[Detection]:
-    """Boxes, in the original image's pixels, of the named kinds of object (`detect cat ; dog`)."""
-    result = generate(model, processor, image, detect_prompt(labels), **kwargs)
-    return parse_detections(result.text, result.image_size)
+    """Boxes, in the original image's pixels, of the named kinds of object (`detect cat ; dog`).
+
+    With `constrain` (the default) the answer is restricted to the detection grammar
+    (`grammar.answer_grammar`): four locs, a requested label, ` ; ` or the end, so it always parses.
+    """
+    prompt = detect_prompt(labels)
+    if not constrain:
+        result = generate(model, processor, image, prompt, **kwargs)
+        return parse_detections(result.text, result.image_size)
+    result = generate(model, processor, image, prompt, **with_answer_grammar(processor, prompt, kwargs))
+    return requested_only(parse_detections(result.text, result.image_size), prompt)

@@ -94,17 +94,24 @@ def segment(
     image: Any,
     labels: Union[str, Sequence[str]],
     mask_decoder: Any,
+    constrain: bool = True,
     **kwargs,
 ) -> list[Segmentation]:
     """Masks, in the original image's pixels, of the named kinds of object (`segment cat ; dog`).
 
     Works with a model of either backend; `mask_decoder` may be of either backend too.
-    `kwargs` are `generate`'s (max_tokens, temperature, ...).
+    `kwargs` are `generate`'s (max_tokens, temperature, ...). With `constrain` (the default) the
+    answer is restricted to the segmentation grammar (`grammar.answer_grammar`), so it always parses.
     """
     from .generation import generate
+    from .grammar import requested_only, with_answer_grammar
 
-    result = generate(model, processor, image, segment_prompt(labels), **kwargs)
-    return parse_segmentations(result.text, result.image_size, mask_decoder)
+    prompt = segment_prompt(labels)
+    if not constrain:
+        result = generate(model, processor, image, prompt, **kwargs)
+        return parse_segmentations(result.text, result.image_size, mask_decoder)
+    result = generate(model, processor, image, prompt, **with_answer_grammar(processor, prompt, kwargs))
+    return requested_only(parse_segmentations(result.text, result.image_size, mask_decoder), prompt)
 
 
 # --- COCO run-length encoding ----------------------------------------------------------------------------

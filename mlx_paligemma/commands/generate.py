@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=None, help="e.g. 1.1 (default: off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     p.add_argument(
+        "--no-constrain",
+        action="store_true",
+        help="let detect/segment answers be free text (default: restricted to the answer format and the asked labels)",
+    )
+    p.add_argument(
         "--dtype",
         choices=NAMES,
         default=None,
@@ -206,6 +211,7 @@ def _printed(chunks: Iterator) -> Iterator:
 
 def _run(args: argparse.Namespace, writes_files: bool = True) -> int:
     from .. import generation
+    from ..grammar import grammar_processors
     from ..tasks import draw_detections, parse_detections
 
     mask_decoder = None
@@ -253,13 +259,18 @@ def _run(args: argparse.Namespace, writes_files: bool = True) -> int:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
+    grammars = [[] for _ in args.prompt] if args.no_constrain else grammar_processors(processor, args.prompt)
     single = len(images) == 1
     stream = single and not (args.no_stream or args.json)
     if stream:
-        chunks = generation.stream_generate(model, processor, images[0], args.prompt[0], **options)
+        chunks = generation.stream_generate(
+            model, processor, images[0], args.prompt[0], logits_processors=grammars[0], **options
+        )
         results = generation.collect_results(processor, _printed(chunks), [images[0].size])
     else:
-        results = generation.generate(model, processor, images, list(args.prompt), **options)
+        results = generation.generate(
+            model, processor, images, list(args.prompt), logits_processors=grammars, **options
+        )
     stats = results[0].stats
     boxes = [parse_detections(r.text, r.image_size) for r in results]
     note_missing_mask_decoder(args.prompt, mask_decoder)
