@@ -187,6 +187,10 @@ class VisionCache:
             self.hits += 1
             return features
 
+    def count_hit(self) -> None:
+        with self._lock:
+            self.hits += 1
+
     def put(self, key: str, features: Any) -> None:
         size = _nbytes(features)
         with self._lock:
@@ -336,6 +340,7 @@ class Row:
         self.history = mx.zeros((0,), mx.int32)  # generated ids, for the logits processors
         self.sampler = make_sampler(opts.temperature, opts.top_p, opts.top_k)
         self.key = mx.random.key(opts.seed) if opts.seed is not None and opts.temperature > 0 else None
+        mx.eval(self.state())  # made on the submitting thread, used on the stepping one
 
     @property
     def done(self) -> bool:
@@ -536,17 +541,22 @@ class Engine:
     def _encode(self, images: list[np.ndarray]) -> list[tuple[Any, float]]:
         """Features of each model-size image: cached ones reused, the others in one vision pass."""
         keys = [image_key(p) for p in images]
-        found = [self.vision_cache.get(k) for k in keys]
-        missing = [i for i, f in enumerate(found) if f is None]
+        found: dict[str, Any] = {}
+        for k in keys:  # an image twice in one group is encoded once: the second time is a hit
+            if k in found:
+                self.vision_cache.count_hit()
+            else:
+                found[k] = self.vision_cache.get(k)
+        missing = [k for k, f in found.items() if f is None]
         seconds = 0.0
         if missing:
             tic = time.perf_counter()
-            encoded = self.runner.encode_image(np.stack([images[i] for i in missing]))
+            encoded = self.runner.encode_image(np.stack([images[keys.index(k)] for k in missing]))
             seconds = time.perf_counter() - tic
-            for j, i in enumerate(missing):
-                found[i] = encoded[j : j + 1]
-                self.vision_cache.put(keys[i], found[i])
-        return [(f, seconds if i in missing else 0.0) for i, f in enumerate(found)]
+            for j, k in enumerate(missing):
+                found[k] = encoded[j : j + 1]
+                self.vision_cache.put(k, found[k])
+        return [(found[k], seconds if k in missing else 0.0) for k in keys]
 
     def _prefill(self, rows: list[Row]):
         """The admitted rows' vision (through the cache) and their left-padded bidirectional prefill."""
