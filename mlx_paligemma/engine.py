@@ -307,7 +307,7 @@ class Token:
     row: Row
     token_id: int
     text: str
-    finish_reason: Optional[str] = None  # "stop" (eos, a stop id or string), "length", "cancelled"
+    finish_reason: Optional[str] = None  # "stop" (eos, a stop id or string), "length", "cancelled", "error"
 
 
 class Row:
@@ -487,12 +487,17 @@ class Engine:
                 now_rows += self._rows
             admitted = self._admit()
             if admitted:
-                cache, logits = self._prefill(admitted)
-                tokens.append(self._sample(admitted, logits))
-                if self._cache is None:
-                    self._cache = cache
-                else:
-                    self.runner.extend(self._cache, cache)
+                try:
+                    cache, logits = self._prefill(admitted)
+                    tokens.append(self._sample(admitted, logits))
+                    if self._cache is None:
+                        self._cache = cache
+                    else:
+                        self.runner.extend(self._cache, cache)
+                except Exception:
+                    for row in admitted:  # they are nowhere now: tell their owners
+                        self._end(row, "error")
+                    raise
                 self._rows += admitted
                 now_rows += admitted
             if not now_rows:
@@ -581,8 +586,16 @@ class Engine:
     def _end(self, row: Row, reason: str) -> None:
         row.finish_reason, row.finished = reason, time.perf_counter()
         row.text = "".join(row.text_parts)
-        self.stats.rows_cancelled += 1
+        self.stats.rows_cancelled += reason == "cancelled"
         row.emit(Token(row, -1, "", reason))
+
+    def reset(self) -> None:
+        """Drop the running batch (after a failed step: its cache is suspect); waiting rows stay."""
+        with self._step_lock:
+            for row in self._rows:
+                if not row.done:
+                    self._end(row, "error")
+            self._rows, self._cache, self._tokens = [], None, None
 
     def _drop_finished(self) -> None:
         keep = [i for i, row in enumerate(self._rows) if not row.done]
