@@ -187,6 +187,14 @@ class VisionCache:
             self.hits += 1
             return features
 
+    def resize(self, max_bytes: int) -> None:
+        """A new budget; 0 turns the cache off (a benchmark that times the vision tower on every run)."""
+        with self._lock:
+            self.max_bytes = max_bytes
+            while self.bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= _nbytes(old)
+
     def count_hit(self) -> None:
         with self._lock:
             self.hits += 1

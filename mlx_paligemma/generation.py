@@ -159,9 +159,9 @@ def _chunks(engine: Any, requests: list[Request]) -> Iterator[GenerationChunk]:
         now = time.perf_counter()
         if first is None:
             first = now
-            stats.prefill_time = now - tic
+            stats.vision_time = row.vision_time  # the vision pass of its admission group
+            stats.prefill_time = now - tic - stats.vision_time  # prompt + first token, vision apart
             stats.prefill_tps = B * stats.prompt_tokens / max(stats.prefill_time, 1e-9)
-        stats.vision_time = max(stats.vision_time, row.vision_time)
         counts[i] = len(row.token_ids) + (token.finish_reason == "stop" and token.token_id in row.stop_ids)
         stats.generation_tokens = max(counts)
         stats.generation_time = now - first
