@@ -179,13 +179,16 @@ def test_the_same_image_asked_five_questions_runs_the_vision_tower_once(pair, mo
     engine = Engine(model)
     image = noise_image(64, 64, seed=21)
     pixels = processor.preprocess_image(image)
+    few = SamplingOptions(max_tokens=4)
     rows = [
-        engine.submit(Request(processor.prompt_ids(f"answer en question {i}?")[0], processor, pixels.copy()))
+        engine.submit(
+            Request(processor.prompt_ids(f"answer en question {i}?")[0], processor, pixels.copy(), options=few)
+        )
         for i in range(5)
     ]
     engine.step()  # all five admitted together: one vision pass of one image
     run_until(engine, rows)
-    later = engine.submit(Request(processor.prompt_ids("caption en")[0], processor, pixels.copy()))
+    later = engine.submit(Request(processor.prompt_ids("caption en")[0], processor, pixels.copy(), options=few))
     run_until(engine, [later])
     assert calls == [1]
     stats = engine.snapshot()["vision_cache"]
