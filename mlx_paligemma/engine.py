@@ -645,11 +645,11 @@ class Engine:
 _ENGINES_LOCK = threading.Lock()
 
 
-def engine_for(model: Any) -> Engine:
-    """The model's own engine (made on first use, kept on the model): one loop and one lock per model."""
+def engine_for(model: Any, engine: Optional[Engine] = None) -> Engine:
+    """The model's own engine (made on first use, kept on the model): one loop and one lock per model.
+    Given `engine` (the server's, with its batch size and cache budget), it becomes the model's."""
     with _ENGINES_LOCK:
-        engine = getattr(model, "_paligemma_engine", None)
         if engine is None:
-            engine = Engine(model)
-            object.__setattr__(model, "_paligemma_engine", engine)
+            engine = getattr(model, "_paligemma_engine", None) or Engine(model)
+        object.__setattr__(model, "_paligemma_engine", engine)
         return engine

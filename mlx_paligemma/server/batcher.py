@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..engine import Engine, Request, Row, Token
+from ..engine import Engine, Request, Row, Token, engine_for
 from ..errors import PaliGemmaError
 
 log = logging.getLogger("mlx_paligemma.server")
@@ -151,7 +151,8 @@ class Batcher:
             raise PaliGemmaError(f"batch_window: must be >= 0, got {batch_window}")
         self.model, self.processor, self.max_batch = model, processor, max_batch
         self.batch_window, self.max_queued = batch_window, max_queued
-        self.engine = Engine(model, max_batch=max_batch, vision_cache_bytes=vision_cache_bytes)
+        # The model's engine from now on: library calls in this process (`mp.generate`) join its batch.
+        self.engine = engine_for(model, Engine(model, max_batch=max_batch, vision_cache_bytes=vision_cache_bytes))
         self._arriving = 0  # requests being read and admitted by the HTTP layer, about to be submitted
         self.stats = Stats()
         self._jobs: dict[int, Job] = {}  # id(row) -> job, for rows waiting or running
