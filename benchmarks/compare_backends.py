@@ -167,6 +167,9 @@ def _worker_package(args: Any, backend: str) -> dict:
         speed = lambda: _torch_matmul_speed(dtype, model.device)  # noqa: E731
     load_s = time.perf_counter() - tic
     processor.tokenizer.eos_id = -1  # EOS ignored: every run generates exactly max_tokens
+    from mlx_paligemma.engine import engine_for
+
+    engine_for(model).vision_cache.resize(0)  # every run times the vision tower (no reuse of the warm-up's)
     image = _image(args.image)
 
     def one(max_tokens: int) -> dict:

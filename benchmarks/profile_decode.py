@@ -44,7 +44,7 @@ def gemv_bandwidth(rows: int = 16384, cols: int = 4096, steps: int = 10) -> floa
 
 
 def profile(model_dir: str, steps: int = 16, prompt: str = "caption en") -> dict:
-    from mlx_paligemma.generation import MLXRunner, _Detokenizer
+    from mlx_paligemma.engine import Detokenizer, MLXRunner
     from mlx_paligemma.sampling import make_sampler
     from tests.helpers import noise_image
 
@@ -55,13 +55,12 @@ def profile(model_dir: str, steps: int = 16, prompt: str = "caption en") -> dict
     stats = mp.generate(model, processor, image, prompt, max_tokens=steps + 1).stats
     pipelined = 1.0 / stats.generation_tps
 
-    runner = MLXRunner(model)
+    runner = MLXRunner(model, mx.default_stream(mx.default_device()))
     batch = processor.encode_prompts([prompt])
     features = runner.encode_image(processor.preprocess_image(image)[None])
-    logits = runner.prefill(batch["input_ids"], features, batch["attention_mask"])
+    cache, logits = runner.prefill(batch["input_ids"], [features], batch["attention_mask"])
     mx.eval(logits)
     tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
-    cache = runner.cache
 
     def forward():
         mx.eval(model.decode_step(tokens, cache))
@@ -76,7 +75,7 @@ def profile(model_dir: str, steps: int = 16, prompt: str = "caption en") -> dict
     logits = model.logits(h[:, -1, :])
     mx.eval(logits)
     t_sample = _median_time(lambda: mx.eval(sampler(logits).astype(mx.int32)), steps)
-    detok = _Detokenizer(processor)
+    detok = Detokenizer(processor)
     ids = iter(np.random.default_rng(0).integers(1000, 3000, 10_000).tolist())
     for _ in range(steps):  # a realistic length of text so far
         detok.add(next(ids))

@@ -6,7 +6,8 @@ print(mp.generate(model, processor, "cat.jpg", "caption en").text)
 
 Where things are: `load.py` (MLX) and `reference/` (PyTorch) load checkpoints found and checked by
 `checkpoint.py` and `config.py`; `processor.py` makes numpy inputs; `models/` holds the MLX modules
-and their KV cache; `generation.py` is the library's generation loop (`generate`, `stream_generate`);
+and their KV cache; `engine.py` is the one decode loop (rows join and leave a running batch; the
+library, the CLI and the server all use it) and `generation.py` the API over it (`generate`, ...);
 `tasks.py` parses boxes, `segmentation.py` and `mask_decoder.py` turn `<seg>` codes into masks,
 `finetune.py` and `lora.py` train, `sharding.py` splits a model over `mlx.launch` ranks (tensor parallel),
 `batch_job.py` holds the batch job's inputs, results file and rank merge. The command lines: `__main__.py`

@@ -1,6 +1,6 @@
 """What mlx-lm's generation does on Apple silicon for large models, as no-ops on the CPU.
 
-On the GPU: generation runs on one dedicated stream; while generating, the wired-memory limit is
+On the GPU: while generating (on the engine's own stream, `engine.py`), the wired-memory limit is
 raised to the GPU's recommended working set so the weights are not paged out between steps (a
 3B model in bf16 is 5.9 GB, a large share of a 16 GB Mac); after each request the buffer cache
 is cleared, so a long-running server does not keep the peak of the largest request. On the CPU
@@ -10,10 +10,9 @@ is cleared, so a long-running server does not keep the peak of the largest reque
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Iterator
-from typing import Optional
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,28 +26,14 @@ def on_gpu() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu and mx.metal.is_available()
 
 
-@functools.cache
-def _gpu_stream() -> mx.Stream:
-    return mx.new_stream(mx.gpu)
-
-
-def generation_stream() -> Optional[mx.Stream]:
-    """The stream generation runs on: a dedicated one on the GPU (as mlx-lm), None (the default) on the CPU."""
-    return _gpu_stream() if on_gpu() else None
-
-
-def on_stream(stream: Optional[mx.Stream]):
-    """`with on_stream(s):` runs the block on `s`, or on the default stream when `s` is None."""
-    return mx.stream(stream) if stream is not None else contextlib.nullcontext()
-
-
 def _device_info() -> dict:
     return mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
 
 
 @contextlib.contextmanager
-def generation_session(model: nn.Module) -> Iterator[None]:
-    """Wired limit raised while generating, buffer cache cleared after: GPU only, a no-op elsewhere."""
+def generation_session(model: nn.Module, stream: Any = None) -> Iterator[None]:
+    """Wired limit raised while generating, buffer cache cleared after: GPU only, a no-op elsewhere.
+    `stream`: the engine's, waited for before the limit goes back (mlx-lm does the same)."""
     if not isinstance(model, nn.Module) or not on_gpu():
         yield
         return
@@ -68,6 +53,9 @@ def generation_session(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        mx.synchronize(_gpu_stream())
+        if stream is not None:
+            mx.synchronize(stream)
+        else:
+            mx.synchronize()
         mx.set_wired_limit(old)
         mx.clear_cache()

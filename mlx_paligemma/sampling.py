@@ -8,10 +8,11 @@ suite holds these equal to mlx-lm's on the same random seeds (tests/test_streami
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Optional
 
 import mlx.core as mx
 
-Sampler = Callable[[mx.array], mx.array]
+Sampler = Callable[..., mx.array]  # sampler(logits, key=None)
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
@@ -39,16 +40,18 @@ def apply_top_k(logits: mx.array, top_k: int) -> mx.array:
 
 
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> Sampler:
-    """Greedy at temperature 0; otherwise top-p, then top-k filtering, then a categorical draw."""
-    if temperature == 0:
-        return greedy
+    """Greedy at temperature 0; otherwise top-p, then top-k filtering, then a categorical draw.
 
-    def sample(logits: mx.array) -> mx.array:
+    `key`: draw with this random key instead of MLX's global generator (a seeded row of a batch)."""
+    if temperature == 0:
+        return lambda logits, key=None: greedy(logits)
+
+    def sample(logits: mx.array, key: Optional[mx.array] = None) -> mx.array:
         if 0 < top_p < 1:
             logits = apply_top_p(logits, top_p)
         if top_k > 0:
             logits = apply_top_k(logits, top_k)
-        return mx.random.categorical(logits * (1.0 / temperature))
+        return mx.random.categorical(logits * (1.0 / temperature), key=key)
 
     return sample
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import mlx_paligemma as mp
+from mlx_paligemma.grammar import answer_grammar
 from mlx_paligemma.server.app import Limits, create_app
 from tests.helpers import noise_image
 from tests.server_helpers import chat_body, data_url, live_server, sse_events
@@ -184,6 +185,7 @@ GOOD = data_url(noise_image(20, 20, seed=9))
         ("/v1/chat/completions", b"{" + b" " * 250_000 + b"}", 413, "body"),
         ("/v1/tasks/answer", {"image": GOOD}, 400, "question"),
         ("/v1/tasks/detect", {"image": GOOD, "labels": []}, 400, "labels"),
+        ("/v1/tasks/detect", {"image": GOOD, "labels": "cat", "constrain": "yes"}, 400, "constrain"),
         ("/v1/tasks/caption", {"lang": "en"}, 400, "image"),
         ("/v1/tasks/caption", {"image": GOOD, "lang": "en; rm"}, 400, "lang"),
         ("/v1/tasks/dance", {"image": GOOD}, 404, "unknown task"),
@@ -258,8 +260,9 @@ def test_file_urls_need_the_flag(pair, tmp_path, url, caplog):
         assert len(logged) == 1 and "\n" not in logged[0] and "no\\nsuch" in logged[0]
 
 
-def test_concurrent_requests_run_in_batches_and_equal_single_runs(url, app, pair):
-    """16 clients at once, while the worker is held busy: they queue, then run as 2 batches of 8."""
+def test_concurrent_requests_share_the_batch_and_equal_single_runs(url, app, pair):
+    """16 clients at once, while the worker is held busy: 8 start together, the others join the running
+    batch as rows finish (continuous batching), and every answer equals its single run."""
     prompts = ["caption en", "answer en what colour is it?", "caption fr", "detect cat ; dog"]
     cases = [(noise_image(30 + 7 * i, 60 - 2 * i, seed=100 + i), prompts[i % 4], 4 + i % 9) for i in range(16)]
     batcher = app.state.batcher
@@ -283,20 +286,56 @@ def test_concurrent_requests_run_in_batches_and_equal_single_runs(url, app, pair
         answers = [f.result() for f in futures]
     held.result()
     after = batcher.snapshot()
-    assert after["batches"] - before["batches"] == 2
-    assert after["recent_batch_sizes"][-2:] == [8, 8]
+    assert after["recent_batch_sizes"][len(before["recent_batch_sizes"])] == 8  # the first 8 start together
+    assert after["largest_batch"] == 8
+    assert after["rows_joined_while_running"] - before["rows_joined_while_running"] == 8
     for (image, prompt, max_tokens), answer in zip(cases, answers):
         expected = single(pair, image, prompt, max_tokens)
         assert answer["choices"][0]["message"]["content"] == expected.text
         assert answer["usage"]["completion_tokens"] == len(expected.token_ids)
-        assert answer["timings"]["batch_size"] == 8
+        assert 1 <= answer["timings"]["batch_size"] <= 8 and answer["timings"]["ttft_ms"] > 0
 
 
-def test_seeded_sampling_runs_alone_and_is_reproducible(url, app, pair):
-    """Two sampled requests with seeds queue together but run as batches of one, each equal to its single run."""
+def test_an_over_long_prompt_fails_alone(url, app, pair):
+    """7 good requests and one whose prompt exceeds the model's positions, sent together: 7 right
+    answers and one 400 (refused at admission, before it could meet a batch-mate)."""
+    model, processor = pair
+    limit = model.config.text_config.max_position_embeddings
+    too_long = "answer en " + "why " * (limit - processor.num_image_tokens)
+    cases = [(noise_image(40, 40, seed=200 + i), "caption en" if i != 5 else too_long) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [
+            pool.submit(post, f"{url}/v1/chat/completions", json=chat_body(data_url(im), p, max_tokens=6))
+            for im, p in cases
+        ]
+        replies = [f.result() for f in futures]
+    assert [r.status_code for r in replies] == [200] * 5 + [400] + [200] * 2
+    assert "the prompt is" in replies[5].json()["error"]["message"]
+    for (image, prompt), reply in zip(cases, replies):
+        if reply.status_code == 200:
+            assert reply.json()["choices"][0]["message"]["content"] == single(pair, image, prompt, 6).text
+
+
+def test_stats_report_joins_time_to_first_token_and_the_vision_cache(url, app, pair):
+    """The same image asked five questions: the vision tower runs once, the cache says so."""
+    batcher = app.state.batcher
+    image = data_url(noise_image(50, 44, seed=300))
+    before = batcher.snapshot()["vision_cache"]
+    for i in range(5):
+        r = post(f"{url}/v1/chat/completions", json=chat_body(image, f"answer en question {i}?", max_tokens=3))
+        assert r.status_code == 200
+    stats = batcher.snapshot()
+    cache = stats["vision_cache"]
+    assert cache["misses"] - before["misses"] == 1 and cache["hits"] - before["hits"] == 4
+    assert cache["bytes"] > 0
+    assert stats["time_to_first_token_ms"]["p50"] > 0 and len(stats["time_to_first_token_ms"]["recent"]) >= 5
+    assert "rows_joined_while_running" in stats
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(url, app, pair):
+    """Two sampled requests with one seed share a batch: each equals the single run (per-row random keys)."""
     image = noise_image(36, 36, seed=12)
     batcher = app.state.batcher
-    before = batcher.snapshot()["batches"]
     release = threading.Event()
     held = batcher.call(release.wait)
     body = chat_body(data_url(image), "caption en", max_tokens=TOKENS, temperature=1.5, seed=11)
@@ -305,10 +344,10 @@ def test_seeded_sampling_runs_alone_and_is_reproducible(url, app, pair):
         while batcher.queued() < 2:
             time.sleep(0.01)
         release.set()
-        texts = [f.result().json()["choices"][0]["message"]["content"] for f in futures]
+        replies = [f.result().json() for f in futures]
     held.result()
-    stats = batcher.snapshot()
-    assert stats["batches"] - before == 2 and stats["recent_batch_sizes"][-2:] == [1, 1]
+    texts = [r["choices"][0]["message"]["content"] for r in replies]
+    assert [r["timings"]["batch_size"] for r in replies] == [2, 2]
     expected = mp.generate(*pair, image, "caption en", max_tokens=TOKENS, temperature=1.5, seed=11).text
     assert texts == [expected, expected]
     assert expected != single(pair, image, "caption en").text  # it really sampled
@@ -347,10 +386,17 @@ def test_task_endpoints_return_structured_results(url, pair):
     assert caption["text"] == single(pair, image, "caption de").text and caption["prompt"] == "caption de"
     answer = post(f"{url}/v1/tasks/answer", json={"image": img, "question": "why?", "max_tokens": 4}).json()
     assert answer["text"] == single(pair, image, "answer en why?", 4).text
+    # detect and segment are constrained to the answer grammar by default, as mp.detect is; "constrain": false
+    # gives the model's free answer
     detect = post(f"{url}/v1/tasks/detect", json={"image": img, "labels": "cat ; dog", "max_tokens": 40}).json()
-    expected = single(pair, image, "detect cat ; dog", 40)
+    grammar = answer_grammar(pair[1], "detect cat ; dog")
+    expected = mp.generate(*pair, image, "detect cat ; dog", max_tokens=40, logits_processors=[grammar])
     assert detect["text"] == expected.text and detect["image_size"] == [80, 60]
-    assert detect["detections"] == [d.to_dict() for d in mp.parse_detections(expected.text, (80, 60))]
+    assert detect["detections"] == [d.to_dict() for d in mp.detect(*pair, image, ["cat", "dog"], max_tokens=40)]
+    free = post(
+        f"{url}/v1/tasks/detect", json={"image": img, "labels": "cat ; dog", "max_tokens": 40, "constrain": False}
+    )
+    assert free.json()["text"] == single(pair, image, "detect cat ; dog", 40).text
     segment = post(f"{url}/v1/tasks/segment", json={"image": img, "labels": ["cat"], "max_tokens": 40}).json()
     assert segment["prompt"] == "segment cat" and segment["masks"] is False
 

@@ -110,34 +110,30 @@ def test_page_shows_a_refusal(browser, served, tmp_path):
     page.close()
 
 
-def scripted_stream(text: str):
-    """A stand-in for the batched generation that answers `text` (token by token) to every row."""
-    from mlx_paligemma.generation import GenerationChunk, GenerationStats
+def scripted_sampling(text: str, processor):
+    """A stand-in for the engine's sampler that answers `text` (token by token, then eos) in every row."""
+    import mlx.core as mx
 
-    def stream(model, processor, images, prompts, max_tokens=100, **kwargs):
-        tok = processor.tokenizer
-        pieces = [p for p in text.replace(">", "> ").split(" ") if p]
-        ids = [tok.piece_to_id(p) if p.startswith("<") else tok.encode(" " + p)[0] for p in pieces]
-        stats = GenerationStats(batch_size=len(prompts), prompt_tokens=10)
-        for token in ids:
-            for b in range(len(prompts)):
-                yield GenerationChunk(processor.decode([token]), token, b, None, stats)
-        for b in range(len(prompts)):
-            yield GenerationChunk("", tok.eos_id, b, "stop", stats)
+    tok = processor.tokenizer
+    pieces = [p for p in text.replace(">", "> ").split(" ") if p]
+    ids = [tok.piece_to_id(p) if p.startswith("<") else tok.encode(" " + p)[0] for p in pieces]
 
-    return stream
+    def sample(self, rows, logits):
+        return mx.array([ids[len(r.token_ids)] if len(r.token_ids) < len(ids) else tok.eos_id for r in rows], mx.int32)
+
+    return sample
 
 
 def test_page_draws_boxes_and_masks(browser, served, tmp_path, monkeypatch):
     """A segmentation answer (scripted: a random model rarely writes one) is drawn: box, label, tinted mask."""
     import numpy as np
 
-    from mlx_paligemma.server import batcher as batcher_module
+    from mlx_paligemma.engine import Engine
 
     url, pair = served
     codes = "".join(f"<seg{i:03d}>" for i in range(16))
     answer = f"<loc0256><loc0128><loc0768><loc0640>{codes} cat"
-    monkeypatch.setattr(batcher_module, "_stream_batch", scripted_stream(answer))
+    monkeypatch.setattr(Engine, "_sample", scripted_sampling(answer, pair[1]))
 
     class Seg:  # what parse_segmentations returns, scripted: the box's lower half is the mask
         def __init__(self, box, size):

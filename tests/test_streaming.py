@@ -13,7 +13,7 @@ import mlx.core as mx
 import pytest
 
 import mlx_paligemma as mp
-from mlx_paligemma.generation import _Detokenizer
+from mlx_paligemma.engine import Detokenizer as _Detokenizer
 from mlx_paligemma.sampling import make_repetition_penalty, make_sampler
 
 

@@ -70,8 +70,17 @@ class LayerCache:
         self.window = window
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
-        self.offset = 0  # positions seen so far (the RoPE offset)
-        self.first = 0  # the position held in slot 0 (> 0 once a sliding layer dropped slots)
+        self.offset = 0  # positions seen so far on the batch's shared timeline
+        self.first = 0  # the position held in slot 0 (> 0 once a sliding layer or a trim dropped slots)
+        # Per-row (B,) shift from the shared timeline to each row's own positions: rows that joined a
+        # running batch were left-padded onto its timeline, but keep the RoPE positions of their own
+        # prefill (None: every row on the shared timeline).
+        self.position_shift: Optional[mx.array] = None
+
+    @property
+    def rope_offset(self):
+        """The RoPE position of this call's first token: a number, or one per row after rows joined."""
+        return self.offset if self.position_shift is None else self.position_shift + self.offset
 
     @property
     def stored(self) -> int:
@@ -101,6 +110,9 @@ class LayerCache:
             self.first += drop
         return k, v
 
+    def _held(self) -> tuple[mx.array, mx.array]:
+        return self.keys[:, :, : self.stored], self.values[:, :, : self.stored]
+
     @property
     def nbytes(self) -> int:
         if self.keys is None:
@@ -120,14 +132,19 @@ class PrefixLMCache:
         self.layers = [
             LayerCache(self.window if config.is_sliding(i) else None) for i in range(config.num_hidden_layers)
         ]
-        self.attention_mask: Optional[mx.array] = None  # (B, positions so far)
+        self.attention_mask: Optional[mx.array] = None  # (B, positions from `base` on)
+        self.base = 0  # the position of attention_mask's first column (> 0 once common padding was trimmed)
         self.padded = True  # whether any row has padding (known after the prefill)
         # The prefill's padding mask, when known before the prefill (the generation loop's case).
         self.prefill_mask = attention_mask  # converted by the model like any input
 
     @property
     def offset(self) -> int:
-        return 0 if self.attention_mask is None else self.attention_mask.shape[1]
+        return 0 if self.attention_mask is None else self.base + self.attention_mask.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.attention_mask is None else self.attention_mask.shape[0]
 
     def masks(self, attention_mask: mx.array, token_type_ids: Optional[mx.array]) -> dict[str, Optional[mx.array]]:
         """Register this call's tokens and return its (B, 1, new, keys) masks, keyed "full" / "sliding".
@@ -147,7 +164,9 @@ class PrefixLMCache:
         )
         if start == 0:  # read once, at the prefill: an input the caller gave, not a computed result
             self.padded = not bool(mx.all(attention_mask).item())
-        query = mx.arange(start, start + new)
+        # Masks index attention_mask, so they count positions from `base` (relative distances, all the
+        # rules need, are the same).
+        query = mx.arange(start - self.base, start + new - self.base)
         kept = self._sliding_slots()  # positions the sliding layers still hold from earlier calls
         # Decode hot path: one suffix query and no padding, so every held key is visible to it in full
         # layers, and in sliding ones while they hold fewer positions than the window. The all-True
@@ -157,9 +176,9 @@ class PrefixLMCache:
             masks = {"full": None, "sliding": None}
         else:
             types = token_type_ids if start == 0 else None
-            masks = prefix_lm_masks(self.attention_mask, types, self.window, query, mx.arange(start + new))
-        if self.window is not None and (kept >= self.window if unpadded_decode else kept < start):
-            keys = mx.arange(start - kept, start + new)  # the positions the sliding layers hold
+            masks = prefix_lm_masks(self.attention_mask, types, self.window, query, mx.arange(start + new - self.base))
+        if self.window is not None and (kept >= self.window if unpadded_decode else kept < start - self.base):
+            keys = mx.arange(start - kept - self.base, start + new - self.base)  # the positions the sliding layers hold
             masks["sliding"] = prefix_lm_masks(self.attention_mask, None, self.window, query, keys)["sliding"]
         return masks
 
@@ -169,3 +188,68 @@ class PrefixLMCache:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers)
+
+    # -- rows joining and leaving a running batch (the engine's continuous batching) ---------------
+    def extend(self, other: PrefixLMCache) -> None:
+        """Append `other`'s rows (a group prefilled on its own) to this batch, in place.
+
+        The group with fewer positions is left-padded onto the longer one's timeline: its slots
+        shift right, its padding columns are masked, and its `position_shift` keeps the RoPE
+        positions its keys were computed with, so a joined row decodes exactly as it would alone.
+        """
+        total = max(self.offset, other.offset)
+        parts = [(self, total - self.offset), (other, total - other.offset)]
+        base = min(c.base + d for c, d in parts)
+        masks, shifts = [], []
+        for c, d in parts:
+            pad = c.base + d - base
+            mask = c.attention_mask.astype(mx.int32)
+            masks.append(mx.pad(mask, [(0, 0), (pad, 0)]) if pad else mask)
+            shift = c.layers[0].position_shift
+            shifts.append((mx.zeros((c.batch_size,), mx.int32) if shift is None else shift) - d)
+        for i, layer in enumerate(self.layers):
+            first = min(c.layers[i].first + d for c, d in parts)
+            keys, values = [], []
+            for c, d in parts:
+                k, v = c.layers[i]._held()
+                pad = c.layers[i].first + d - first
+                keys.append(mx.pad(k, [(0, 0), (0, 0), (pad, 0), (0, 0)]) if pad else k)
+                values.append(mx.pad(v, [(0, 0), (0, 0), (pad, 0), (0, 0)]) if pad else v)
+            layer.keys, layer.values = mx.concatenate(keys, axis=0), mx.concatenate(values, axis=0)
+            layer.offset, layer.first = total, first
+        self.attention_mask, self.base = mx.concatenate(masks, axis=0), base
+        self._set_shift(mx.concatenate(shifts))
+        self.padded = True
+        self._trim()
+
+    def filter(self, keep: list[int]) -> None:
+        """Keep only rows `keep` (in that order), in place; the left padding all of them share is dropped."""
+        index = mx.array(keep, mx.int32)
+        self.attention_mask = self.attention_mask[index]
+        for layer in self.layers:
+            k, v = layer._held()
+            layer.keys, layer.values = k[index], v[index]
+        shift = self.layers[0].position_shift
+        self._set_shift(None if shift is None else shift[index])
+        self._trim()
+
+    def _set_shift(self, shift: Optional[mx.array]) -> None:
+        if shift is not None and not bool(mx.any(shift != 0).item()):
+            shift = None  # every row on the shared timeline: the plain (scalar) RoPE offset
+        for layer in self.layers:
+            layer.position_shift = shift
+
+    def _trim(self) -> None:
+        """Drop the leading positions that are padding in every row (a left row's prompt was longer)."""
+        mask = self.attention_mask.astype(mx.bool_)
+        leading = int(mx.min(mx.argmax(mask, axis=1)).item()) if mask.shape[1] else 0
+        self.padded = not bool(mx.all(mask).item())
+        if leading == 0:
+            return
+        self.base += leading
+        self.attention_mask = self.attention_mask[:, leading:]
+        for layer in self.layers:
+            if layer.first < self.base:
+                k, v = layer._held()
+                drop = self.base - layer.first
+                layer.keys, layer.values, layer.first = k[:, :, drop:], v[:, :, drop:], self.base

@@ -138,3 +138,11 @@ class PrefixLMCache:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers)
+
+    def filter(self, keep: list[int]) -> None:
+        """Keep only rows `keep` (in that order): rows that finished leave the batch."""
+        index = torch.tensor(keep, device=self.attention_mask.device)
+        self.attention_mask = self.attention_mask[index]
+        for layer in self.layers:
+            if layer.keys is not None:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]

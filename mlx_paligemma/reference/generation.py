@@ -25,25 +25,38 @@ def to_mx(logits: torch.Tensor) -> mx.array:
 
 
 class TorchRunner:
-    """Encode, prefill and step a reference `Model` with its prefix-LM cache."""
+    """Encode, prefill and step a reference `Model` for the engine. Rows may leave a batch (`filter`)
+    but not join a running one: the engine admits new rows when the batch is empty."""
 
-    def __init__(self, model: Model):
+    supports_join = False
+
+    def __init__(self, model: Model, stream: Any = None):
         self.model = model
-        self.cache: PrefixLMCache | None = None
 
     def encode_image(self, pixel_values: np.ndarray) -> torch.Tensor:
         return self.model.encode_image(pixel_values)
 
-    def prefill(self, input_ids: np.ndarray, features: torch.Tensor, attention_mask: np.ndarray) -> mx.array:
-        self.cache = self.model.make_cache(attention_mask)
-        return to_mx(self.model.prefill(input_ids, features, self.cache))
+    def prefill(self, input_ids: np.ndarray, features: Sequence[torch.Tensor], attention_mask: np.ndarray):
+        cache = self.model.make_cache(attention_mask)
+        return cache, to_mx(self.model.prefill(input_ids, torch.cat(list(features), dim=0), cache))
 
-    def step(self, tokens: mx.array) -> mx.array:
-        return to_mx(self.model.decode_step(np.asarray(tokens), self.cache))
+    def step(self, cache: PrefixLMCache, tokens: mx.array) -> mx.array:
+        return to_mx(self.model.decode_step(np.asarray(tokens), cache))
+
+    def extend(self, cache: PrefixLMCache, other: PrefixLMCache) -> None:
+        raise NotImplementedError("the torch backend does not add rows to a running batch")
 
     @staticmethod
-    def concat_features(features: Sequence[Any]) -> torch.Tensor:
-        return torch.cat(list(features), dim=0)
+    def filter(cache: PrefixLMCache, keep: list[int]) -> None:
+        cache.filter(keep)
+
+    @staticmethod
+    def arrays(cache: PrefixLMCache) -> list:
+        return []
+
+    def feature_bytes(self) -> int:
+        cfg = self.model.config
+        return cfg.num_image_tokens * cfg.text_config.hidden_size * self.model.dtype.itemsize
 
     def peak_memory_gb(self) -> float:
         """Peak device memory on CUDA, memory held by the MPS driver, else the process's peak RSS."""

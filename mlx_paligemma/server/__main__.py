@@ -27,12 +27,18 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--mask-decoder", metavar="PATH", help="segmentation mask decoder (vae-oid.npz or converted)")
     p.add_argument("--adapter-path", metavar="P", help="LoRA adapters to apply to the model")
-    p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default 8)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="most requests decoded together; the others join as rows finish (default 8)",
+    )
     p.add_argument(
         "--batch-window-ms",
         type=float,
         default=10.0,
-        help="a batch that is not full starts after this long without a new request (10; 0: no wait)",
+        help="an idle server starts once no request has come for this long, so that requests sent together "
+        "are prefilled together (10; 0: no wait); while it decodes, requests join at the next step",
     )
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV} if set)")
     p.add_argument("--allow-local-files", action="store_true", help="accept file:// image URLs (off: data: URLs only)")
@@ -41,6 +47,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-image-mb", type=float, default=20.0, help="largest image file, in MB (20)")
     p.add_argument("--max-image-pixels", type=int, default=36_000_000, help="largest image, in pixels (36M)")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body, in MB (32)")
+    p.add_argument(
+        "--vision-cache-mb",
+        type=float,
+        default=None,
+        help="memory for the image features of recent images, reused when an image comes again "
+        "(default: room for about 64 images of the loaded model; 0: off)",
+    )
     p.add_argument("--max-queued", type=int, default=256, help="requests waiting beyond this get 503 (256)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
@@ -104,6 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return fail(PROG, f"--batch-window-ms: must be >= 0, got {args.batch_window_ms}")
     if args.max_batch < 1:
         return fail(PROG, f"--max-batch: must be at least 1, got {args.max_batch}")
+    if args.vision_cache_mb is not None and args.vision_cache_mb < 0:
+        return fail(PROG, f"--vision-cache-mb: must be >= 0, got {args.vision_cache_mb:g}")
     if args.max_queued < 1:
         return fail(PROG, f"--max-queued: must be at least 1, got {args.max_queued}")
     if args.max_tokens_limit < 1 or args.max_image_pixels < 1 or args.max_image_mb <= 0 or args.max_body_mb <= 0:
@@ -146,6 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 model_id=model_id,
                 max_batch=args.max_batch,
                 batch_window=args.batch_window_ms / 1000,
+                vision_cache_mb=args.vision_cache_mb,
                 api_key=api_key,
                 allow_local_files=args.allow_local_files,
                 mask_decoder=mask_decoder,

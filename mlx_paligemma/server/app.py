@@ -1,10 +1,12 @@
 """The HTTP layer: an OpenAI-compatible chat endpoint, task endpoints, stats and the web page.
 
-Every request is validated here, in the event loop, before it reaches the model: body size,
-JSON shape, options, image (data URL, or `file://` when allowed; never fetched from the
-network), image bytes and pixels. A bad request gets OpenAI's error shape
-(`{"error": {"message", "type", "param", "code"}}`) with a 4xx status and one log line; the
-model's worker thread only ever sees decoded images and valid options.
+Every request is validated here before it reaches the model: body size, JSON shape, options
+(in the event loop), then image (data URL, or `file://` when allowed; never fetched from the
+network), image bytes and pixels, and the admission proper (`admission.admit`: resize to the
+model's input size, tokenise, check the prompt length) in a worker thread of the HTTP layer. A
+bad request gets OpenAI's error shape (`{"error": {"message", "type", "param", "code"}}`) with a
+4xx status and one log line; the engine's queue only ever holds model-size inputs and valid
+options.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import urllib.parse
 import urllib.request
 import uuid
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -36,7 +38,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import PaliGemmaError
+from ..grammar import answer_grammar, prompt_labels
 from ..tasks import answer_prompt, caption_prompt, detect_prompt, parse_detections
+from .admission import AdmissionError, admit
 from .batcher import Batcher, Job, JobResult
 
 log = logging.getLogger("mlx_paligemma.server")
@@ -54,7 +58,7 @@ class Limits:
     max_image_pixels: int = 6000 * 6000
     max_tokens: int = 1024  # the most a request may ask for
     default_max_tokens: int = 100
-    max_queued: int = 256  # requests waiting for a batch (each holds its decoded image); then 503
+    max_queued: int = 256  # requests waiting to join the batch (each holds its model-size image); then 503
 
 
 class ApiError(Exception):
@@ -295,14 +299,25 @@ class Server:
                 401, "invalid or missing API key (send 'Authorization: Bearer <key>')", None, "invalid_api_key"
             )
 
-    async def image(self, url: Any, param: str) -> Image.Image:
+    async def admit(
+        self, url: Any, param: str, prompt: str, options: dict, logits_processors: Sequence = ()
+    ) -> tuple[Job, asyncio.Queue]:
+        """Decode, check and resize the image, tokenise and check the prompt (in a worker thread), then queue."""
         if isinstance(url, dict):
             url = url.get("url")
         if not isinstance(url, str):
             raise ApiError(400, f"{param}: must be a data: URL string", param, "missing_image")
-        return await run_in_threadpool(load_image_url, url, self.limits, self.allow_local_files, param)
 
-    def submit(self, image: Image.Image, prompt: str, options: dict) -> tuple[Job, asyncio.Queue]:
+        def prepare() -> Job:
+            image = load_image_url(url, self.limits, self.allow_local_files, param)
+            try:
+                return admit(self.batcher.model, self.batcher.processor, image, prompt, options, logits_processors)
+            except AdmissionError as e:
+                raise ApiError(400, str(e), "messages" if param == "messages" else None, "prompt_too_long") from None
+
+        return self.submit(await run_in_threadpool(prepare))
+
+    def submit(self, job: Job) -> tuple[Job, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -310,15 +325,7 @@ class Server:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening any more
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job = Job(
-            image,
-            prompt,
-            max_tokens=options["max_tokens"],
-            temperature=options["temperature"],
-            top_p=options["top_p"],
-            seed=options["seed"],
-            emit=emit,
-        )
+        job.emit = emit
         try:
             self.batcher.submit(job)
         except PaliGemmaError as e:
@@ -374,7 +381,21 @@ class Server:
             for s in parse_segmentations(text, image_size, self.mask_decoder)
         ]
 
-    async def task_result(self, task: str, prompt: str, result: JobResult) -> dict:
+    async def grammar_for(self, body: dict, prompt: str, default: bool) -> list:
+        """The request's answer grammar as its logits processors (`"constrain"`: on by default for the detect
+        and segment tasks, opt-in for chat), built in a worker thread (a 257k-token vocabulary takes ~5 ms)."""
+        constrain = body.get("constrain", default)
+        if not isinstance(constrain, bool):
+            raise ApiError(400, "constrain: must be true or false", "constrain")
+        if not constrain:
+            return []
+        try:
+            grammar = await run_in_threadpool(answer_grammar, self.batcher.processor, prompt)
+        except PaliGemmaError as e:
+            raise ApiError(400, str(e), "constrain") from None
+        return [grammar] if grammar is not None else []
+
+    async def task_result(self, task: str, prompt: str, result: JobResult, constrained: bool = False) -> dict:
         out = {
             "object": "task.result",
             "task": task,
@@ -401,6 +422,11 @@ class Server:
                 log.exception("mask decoding failed")
                 raise ApiError(500, f"decoding the segmentation masks failed ({type(e).__name__}: {e})") from None
             out["masks"] = True
+        if constrained:  # an answer cut by max_tokens may end in part of a label (`red` of `red car`): drop it
+            labels = set(prompt_labels(prompt)[1])
+            for key in ("detections", "segmentations"):
+                if key in out:
+                    out[key] = [item for item in out[key] if item["label"] in labels]
         return out
 
 
@@ -418,6 +444,7 @@ def create_app(
     model_id: str = "paligemma",
     max_batch: int = 8,
     batch_window: float = 0.01,
+    vision_cache_mb: Optional[float] = None,
     api_key: Optional[str] = None,
     allow_local_files: bool = False,
     mask_decoder: Any = None,
@@ -425,7 +452,15 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving one loaded model (MLX or the torch reference); its worker starts now."""
     limits = limits or Limits()
-    batcher = Batcher(model, processor, max_batch=max_batch, batch_window=batch_window, max_queued=limits.max_queued)
+    vision_cache_bytes = None if vision_cache_mb is None else int(vision_cache_mb * 2**20)
+    batcher = Batcher(
+        model,
+        processor,
+        max_batch=max_batch,
+        batch_window=batch_window,
+        max_queued=limits.max_queued,
+        vision_cache_bytes=vision_cache_bytes,
+    )
     server = Server(batcher, model_id, limits, api_key, allow_local_files, mask_decoder)
 
     @contextlib.asynccontextmanager
@@ -480,8 +515,8 @@ def create_app(
             body = await read_json(request, server.limits)
             options = sampling_options(body, server.limits)
             prompt, url = chat_prompt(body)
-            image = await server.image(url, "messages")
-            job, events = server.submit(image, prompt, options)
+            grammar = await server.grammar_for(body, prompt, default=False)
+            job, events = await server.admit(url, "messages", prompt, options, grammar)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": completion_id, "created": created, "model": server.model_id}
         if not options["stream"]:
@@ -534,10 +569,11 @@ def create_app(
             prompt = task_prompt(task, body)
             if "image" not in body:
                 raise ApiError(400, "image: required (a data: URL)", "image", "missing_image")
-            image = await server.image(body["image"], "image")
-            job, events = server.submit(image, prompt, options)
+            grammar = await server.grammar_for(body, prompt, default=True)
+            job, events = await server.admit(body["image"], "image", prompt, options, grammar)
+        constrained = bool(grammar)
         if not options["stream"]:
-            return await server.task_result(task, prompt, await server.result(request, job, events))
+            return await server.task_result(task, prompt, await server.result(request, job, events), constrained)
 
         async def stream():
             async for event in server.events(job, events):
@@ -545,7 +581,7 @@ def create_app(
                     yield _sse({"delta": event[1]})
                 elif event[0] == "done":
                     try:
-                        yield _sse({"result": await server.task_result(task, prompt, event[1])})
+                        yield _sse({"result": await server.task_result(task, prompt, event[1], constrained)})
                     except ApiError as e:
                         _log_refusal(request, e.status, e.message)
                         yield _sse(
