@@ -53,18 +53,19 @@ SIZE_LIMIT = 20 * 1024 * 1024  # the shipped model.safetensors (tests/test_demo_
 
 @dataclass
 class Arch:
-    """The model's size. Defaults: the retrain's choice (mlx_paligemma/demo/README.md, "Plan")."""
+    """The model's size. Defaults: the retrain's choice (mlx_paligemma/demo/README.md, "Plan"): the first
+    model's widths at 112 px (49 image tokens), 4.6 M parameters (8.8 MiB stored in 16 bits)."""
 
     image_size: int = 112
     patch_size: int = 16
-    vision_width: int = 256
-    vision_layers: int = 6
-    vision_mlp: int = 1024
+    vision_width: int = 192
+    vision_layers: int = 4
+    vision_mlp: int = 768
     vision_heads: int = 4
-    text_width: int = 384
-    text_layers: int = 6
-    text_mlp: int = 1024
-    text_heads: int = 6
+    text_width: int = 256
+    text_layers: int = 4
+    text_mlp: int = 512
+    text_heads: int = 4
     kv_heads: int = 1
     head_dim: int = 64
 
@@ -180,7 +181,7 @@ _DEFAULT_SHAPES, _DEFAULT_COLOURS = ",".join(shapes.SHAPES), ",".join(shapes.COL
 class TrainOptions:
     """The schedule and the data: fixed by the first part of a run, reused by every `--resume`."""
 
-    minutes: Optional[float] = 180.0
+    minutes: Optional[float] = 170.0
     steps: Optional[int] = None
     batch_size: int = 32
     lr: float = 5e-4
@@ -273,22 +274,100 @@ def log_eval(work: Path, model, processor, record: dict, images: int, vocab: sha
     return record
 
 
-def train(work: Path, opts: TrainOptions, part: PartOptions, resume: bool) -> dict:
-    """One part of the run; returns the final state (step, elapsed, examples)."""
+def make_step(model, optimizer, processor, opts: TrainOptions):
+    """`step(numpy_batch) -> mean suffix loss`: one AdamW update, compiled once per batch shape, with
+    `mlx_paligemma.finetune`'s loss (prefix-LM masks, logits over the suffix span only, `<loc>` smoothing).
+    Gradients are sums over tokens divided by the batch's token count, clipped, as in finetune."""
     from functools import partial
 
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
-    from mlx.utils import tree_map, tree_unflatten
+    from mlx.utils import tree_map
 
-    from mlx_paligemma.finetune import (
-        fast_activations,
-        forward,
-        loc_token_range,
-        order_loc_embeddings,
-        suffix_token_losses,
-    )
+    from mlx_paligemma.finetune import forward, loc_token_range, suffix_token_losses
+
+    loss_kw = dict(loc_range=loc_token_range(processor), loc_sigma=opts.loc_smoothing)
+
+    def loss_sum(batch: dict, last: int):
+        nll, w = suffix_token_losses(forward(model, batch, last), batch, **loss_kw)
+        return (nll * w).sum(), w.sum()
+
+    value_and_grad = nn.value_and_grad(model, loss_sum)
+
+    # the model's (and optimiser's) state is an input and an output of the compiled functions, as in
+    # mlx-lm's trainer; `last` (a Python int) is a constant of each compiled shape
+    @partial(mx.compile, inputs=model.state, outputs=model.state)
+    def compiled_grads(batch: dict, last: int):
+        (loss, ntok), grads = value_and_grad(batch, last)
+        return loss, ntok, grads
+
+    update_state = [model.state, optimizer.state]
+
+    @partial(mx.compile, inputs=update_state, outputs=update_state)
+    def apply_update(grads: dict, ntok: mx.array) -> None:
+        grads = tree_map(lambda g: g / mx.maximum(ntok, 1), grads)
+        if opts.clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, opts.clip)
+        optimizer.update(model, grads)
+
+    def step(numpy_batch: dict) -> float:
+        numpy_batch = dict(numpy_batch)
+        last = int(numpy_batch.pop("last"))
+        loss, ntok, grads = compiled_grads({k: mx.array(v) for k, v in numpy_batch.items()}, last)
+        apply_update(grads, ntok)
+        mx.eval(model.trainable_parameters(), optimizer.state, loss)
+        return float(loss / mx.maximum(ntok, 1))
+
+    return step
+
+
+def measure_speed(arch: Arch, opts: TrainOptions, batches: int = 16) -> dict:
+    """Steady-state training speed of `arch`: `batches` batches of the stream once (every shape gets
+    compiled), then the same batches again, timed. Examples per second is what to compare between sizes
+    (with how much each size learns per example: mlx_paligemma/demo/README.md)."""
+    import tempfile
+
+    import mlx.optimizers as optim
+
+    from mlx_paligemma.finetune import fast_activations
+    from mlx_paligemma.load import load_model
+    from mlx_paligemma.processor import Processor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init = build_init(Path(tmp) / "init", arch)
+        model = load_model(init, "float32")
+        processor = Processor.from_dir(init, model.config)
+    model.train()
+    optimizer = optim.AdamW(learning_rate=opts.lr * 0.1, weight_decay=opts.weight_decay)
+    stream = SceneStream(processor, opts.batch_size, opts.seed, parse_mix(opts.mix), 0.0)
+    data = [b for i in range(-(-batches // stream.pool)) for b in stream.chunk(i, 0.5)][:batches]
+    step = make_step(model, optimizer, processor, opts)
+    with fast_activations():
+        t = time.perf_counter()
+        for batch in data:
+            step(batch)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        for batch in data:
+            step(batch)
+        steady = time.perf_counter() - t
+    return {
+        "image_tokens": arch.image_tokens,
+        "batches": batches,
+        "first_pass_s": round(first, 1),
+        "steps_per_s": round(batches / steady, 2),
+        "examples_per_s": round(batches * opts.batch_size / steady, 1),
+    }
+
+
+def train(work: Path, opts: TrainOptions, part: PartOptions, resume: bool) -> dict:
+    """One part of the run; returns the final state (step, elapsed, examples)."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx.utils import tree_unflatten
+
+    from mlx_paligemma.finetune import fast_activations, order_loc_embeddings
     from mlx_paligemma.load import load_model
     from mlx_paligemma.processor import Processor
 
@@ -319,27 +398,7 @@ def train(work: Path, opts: TrainOptions, part: PartOptions, resume: bool) -> di
             return step / opts.steps
         return (time.perf_counter() - t0) / budget
 
-    loss_kw = dict(loc_range=loc_token_range(processor), loc_sigma=opts.loc_smoothing)
-
-    def loss_sum(batch: dict, last: int):
-        nll, w = suffix_token_losses(forward(model, batch, last), batch, **loss_kw)
-        return (nll * w).sum(), w.sum()
-
-    value_and_grad = nn.value_and_grad(model, loss_sum)
-
-    @partial(mx.compile, inputs=model.state, outputs=model.state)
-    def compiled_grads(batch: dict, last: int):
-        (loss, ntok), grads = value_and_grad(batch, last)
-        return loss, ntok, grads
-
-    update_state = [model.state, optimizer.state]
-
-    @partial(mx.compile, inputs=update_state, outputs=update_state)
-    def apply_update(grads: dict, ntok: mx.array) -> None:
-        grads = tree_map(lambda g: g / mx.maximum(ntok, 1), grads)
-        if opts.clip > 0:
-            grads, _ = optim.clip_grad_norm(grads, opts.clip)
-        optimizer.update(model, grads)
+    train_step = make_step(model, optimizer, processor, opts)
 
     source_batches = stream.batches(state["step"], progress)
     batches = Prefetcher(source_batches) if part.prefetch else source_batches
@@ -375,13 +434,7 @@ def train(work: Path, opts: TrainOptions, part: PartOptions, resume: bool) -> di
                 if part.stop_after_steps and state["step"] - start_step >= part.stop_after_steps:
                     break
                 optimizer.learning_rate = mx.array(lr_at(opts, state["step"], progress(state["step"])))
-                nb = next(batches)
-                last = int(nb.pop("last"))
-                batch = {k: mx.array(v) for k, v in nb.items()}
-                loss, ntok, grads = compiled_grads(batch, last)
-                apply_update(grads, ntok)
-                mx.eval(model.trainable_parameters(), optimizer.state, loss)
-                value = float(loss / mx.maximum(ntok, 1))
+                value = train_step(next(batches))
                 ema = value if ema is None else 0.98 * ema + 0.02 * value
                 state["step"] += 1
                 state["examples"] += opts.batch_size
@@ -613,12 +666,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("data (fixed by the first part)")
     g.add_argument("--seed", type=int, default=t.seed, help="data and initialisation seed (default 0)")
-    g.add_argument("--mix", default=t.mix, help=f"question mix, TASK=WEIGHT,... (default {t.mix})")
+    g.add_argument(
+        "--mix", default=None, help=f"question mix, TASK=WEIGHT,... (default {t.mix}); may change at --resume"
+    )
     g.add_argument(
         "--absent-from",
         type=float,
-        default=t.absent_from,
-        help=f"absent-shape questions join the mix after this fraction of the schedule (default {t.absent_from:g})",
+        default=None,
+        help=f"absent-shape questions join the mix after this fraction of the schedule (default {t.absent_from:g});"
+        " may change at --resume",
     )
     g.add_argument("--shapes", default=t.shapes, help=f"shape kinds of the scenes (default {t.shapes})")
     g.add_argument("--colours", default=t.colours, help=f"colours of the scenes (default {t.colours})")
@@ -635,11 +691,21 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         g.add_argument(flag, type=int, default=getattr(arch, f.name), help=f"default {getattr(arch, f.name)}")
     g.add_argument("--count-parameters", action="store_true", help="print the architecture's parameters and size")
+    g.add_argument(
+        "--measure-speed",
+        action="store_true",
+        help="print the architecture's steady-state training speed (examples/s) and exit (WORK is not used)",
+    )
     g = p.add_argument_group("shipping")
     g.add_argument("--ship", metavar="DEST", help="copy the latest snapshot to DEST (mlx_paligemma/demo) and note it")
     g.add_argument("--ship-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     g.add_argument("--ship-eval-images", type=int, default=200, help="held-out scenes of the shipped table")
     return p
+
+
+def train_options(args: argparse.Namespace) -> TrainOptions:
+    given = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if getattr(args, f.name) is not None}
+    return TrainOptions(**given)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -653,11 +719,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             n = parameter_count(arch)
             print(f"{n:,} parameters: {4 * n / 2**20:.1f} MiB in float32, {2 * n / 2**20:.1f} MiB in 16 bits")
             return 0
+        if args.measure_speed:
+            opts = train_options(args)
+            print(json.dumps({**asdict(arch), "parameters": parameter_count(arch), **measure_speed(arch, opts)}))
+            return 0
         if args.ship:
             results = ship(work, Path(args.ship), args.ship_dtype, args.ship_eval_images)
             print(json.dumps(results, indent=2))
             return 0
-        opts = TrainOptions(**{f.name: getattr(args, f.name) for f in fields(TrainOptions)})
+        opts = train_options(args)
         if opts.steps:
             opts.minutes = None
         parse_mix(opts.mix)  # errors before anything is built
@@ -676,6 +746,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if snapshot is None:
                 raise PaliGemmaError(f"--resume: {work} has no snapshot to resume from")
             opts = TrainOptions(**json.loads((snapshot / STATE).read_text())["options"])
+            opts.mix = args.mix or opts.mix  # the mix may be adjusted between parts
+            opts.absent_from = opts.absent_from if args.absent_from is None else args.absent_from
         elif snapshot is not None or (work / "log.txt").exists():
             if not args.force:
                 raise PaliGemmaError(f"{work}: holds a run; pass --resume to continue it or --force to start afresh")
