@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +148,18 @@ def test_an_existing_out_is_kept_without_force(demo_run):
 def test_every_answer_is_right(demo_run, image, prompt, expected):
     _, rows = demo_run
     assert is_right(expected, rows[(image, prompt)]), (expected, rows[(image, prompt)]["answer"])
+
+
+def test_every_demo_file_is_package_data():
+    """The wheel carries the demo (pyproject's package-data patterns cover every file of demo/); checked
+    by building a wheel, `pip wheel --no-deps . -w DIR`, when the patterns were written."""
+    import re
+
+    root = Path(demo.__file__).resolve().parents[2]
+    text = (root / "pyproject.toml").read_text()
+    line = re.search(r"^mlx_paligemma = \[(.*)\]$", text.split("[tool.setuptools.package-data]", 1)[1], re.M)
+    patterns = re.findall(r'"([^"]+)"', line.group(1))
+    package = root / "mlx_paligemma"
+    files = {p for p in (package / "demo").rglob("*") if p.is_file()}
+    shipped = {p for pattern in patterns for p in package.glob(pattern)}  # setuptools' glob semantics
+    assert files and files <= shipped, sorted(str(p) for p in files - shipped)
