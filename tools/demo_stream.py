@@ -86,31 +86,23 @@ class SceneStream:
         order = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), i))
         batches = [order[b * self.batch_size : (b + 1) * self.batch_size] for b in range(self.pool)]
         rng.shuffle(batches)
-        return [self._arrays([examples[i][0] for i in b], [rows[i] for i in b]) for b in batches]
+        return [self._arrays([examples[i] for i in b]) for b in batches]
 
-    def _arrays(self, scenes: list[shapes.Scene], rows: list[tuple[list[int], list[int]]]) -> dict[str, np.ndarray]:
-        """Left-padded to a multiple of `pad_multiple`, exactly as the processor pads for inference;
-        `last`: how many final positions hold the suffix and the position before it."""
-        L = max(len(ids) for ids, _ in rows)
-        L = -(-L // self.pad_multiple) * self.pad_multiple
-        n = len(rows)
-        input_ids = np.full((n, L), self.processor.tokenizer.pad_id, np.int32)
-        attention_mask = np.zeros((n, L), np.int32)
-        token_type_ids = np.zeros((n, L), np.int32)
-        for r, (ids, types) in enumerate(rows):
-            input_ids[r, L - len(ids) :] = ids
-            attention_mask[r, L - len(ids) :] = 1
-            token_type_ids[r, L - len(ids) :] = types
-        pixel_values = np.stack([self.processor.preprocess_image(s.render()) for s in scenes]).astype(np.float32)
-        suffix = max(sum(types) for _, types in rows) + 1
-        last = min(-(-suffix // self.pad_multiple) * self.pad_multiple, L)
-        return dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            pixel_values=pixel_values,
-            last=np.int32(last),
+    def _arrays(self, examples: list[tuple[shapes.Scene, str, str]]) -> dict[str, np.ndarray]:
+        """The processor's left-padded arrays (as for inference), padded further on the left to a multiple
+        of `pad_multiple` (fewer compiled shapes); `last`: how many final positions hold the suffix and
+        the position before it (logits are computed there only)."""
+        p = self.processor
+        arrays = p.encode_prompts([e[1] for e in examples], [e[2] for e in examples])
+        extra = -arrays["input_ids"].shape[1] % self.pad_multiple
+        fill = {"input_ids": p.tokenizer.pad_id, "attention_mask": 0, "token_type_ids": 0}
+        arrays = {k: np.pad(v, ((0, 0), (extra, 0)), constant_values=fill[k]) for k, v in arrays.items()}
+        arrays["pixel_values"] = np.stack([p.preprocess_image(e[0].render()) for e in examples]).astype(np.float32)
+        suffix = int(arrays["token_type_ids"].sum(axis=1).max()) + 1
+        arrays["last"] = np.int32(
+            min(-(-suffix // self.pad_multiple) * self.pad_multiple, arrays["input_ids"].shape[1])
         )
+        return arrays
 
     def batches(self, start: int, progress_of: Any) -> Iterator[dict[str, np.ndarray]]:
         """Step `start`, `start + 1`, ... forever; `progress_of(step)` is the schedule's progress then."""

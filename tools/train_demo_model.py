@@ -190,6 +190,7 @@ class TrainOptions:
     weight_decay: float = 0.01
     clip: float = 1.0
     loc_smoothing: float = 4.0
+    pad_multiple: int = 8
     seed: int = 0
     mix: str = ",".join(f"{k}={v:g}" for k, v in DEFAULT_MIX.items())
     absent_from: float = 0.3
@@ -389,7 +390,15 @@ def train(work: Path, opts: TrainOptions, part: PartOptions, resume: bool) -> di
         mx.eval(optimizer.state)
 
     vocab = shapes.Vocabulary.parse(opts.shapes, opts.colours)
-    stream = SceneStream(processor, opts.batch_size, opts.seed, parse_mix(opts.mix), opts.absent_from, vocab)
+    stream = SceneStream(
+        processor,
+        opts.batch_size,
+        opts.seed,
+        parse_mix(opts.mix),
+        opts.absent_from,
+        vocab,
+        pad_multiple=opts.pad_multiple,
+    )
     budget = opts.minutes * 60 if opts.minutes else None
     t0 = time.perf_counter() - state["elapsed"]
 
@@ -663,6 +672,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=t.loc_smoothing,
         help=f"Gaussian label smoothing over neighbouring <loc> bins, sigma in bins (default {t.loc_smoothing:g})",
+    )
+    g.add_argument(
+        "--pad-multiple",
+        type=int,
+        default=t.pad_multiple,
+        help="sequence lengths padded to a multiple of this: each length is one compiled step (default 8)",
     )
     g = p.add_argument_group("data (fixed by the first part)")
     g.add_argument("--seed", type=int, default=t.seed, help="data and initialisation seed (default 0)")
