@@ -109,3 +109,10 @@ def test_example_questions_cover_every_kind_of_prompt():
     assert any(q.startswith("answer en what color") for q in asked)
     assert any(q.startswith("detect ") and " ; " in q for q in asked)
     assert any(q.startswith("detect ") and " ; " not in q for q in asked)
+
+
+def test_every_option_is_documented_in_the_demo_readme():
+    readme = (Path(mp.__file__).parent / "demo" / "README.md").read_text()
+    flags = [a.option_strings[-1] for a in trainer.build_parser()._actions if a.option_strings]
+    missing = [f for f in flags if f != "--help" and f"`{f}" not in readme]
+    assert not missing, missing

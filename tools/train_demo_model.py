@@ -211,6 +211,20 @@ class PartOptions:
     quiet: bool = False
 
 
+ARCH_HELP = {
+    "image_size": "input pixels per side (image tokens: (size / patch)^2)",
+    "patch_size": "SigLIP patch side in pixels",
+    "vision_width": "SigLIP hidden size",
+    "vision_layers": "SigLIP layers",
+    "vision_mlp": "SigLIP MLP size",
+    "vision_heads": "SigLIP attention heads",
+    "text_width": "Gemma hidden size (also the projector's output)",
+    "text_layers": "Gemma layers",
+    "text_mlp": "Gemma MLP size",
+    "text_heads": "Gemma attention heads",
+    "kv_heads": "Gemma key/value heads",
+    "head_dim": "Gemma head size",
+}
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
 # Beside the weights, in a subdirectory: checkpoint loaders read every *.safetensors at the top level.
@@ -575,6 +589,8 @@ def generated_note(state: dict, arch: dict, results: dict, curve: list[dict], ev
         f"- Decoder: Gemma {text['hidden_size']} wide x {text['num_hidden_layers']} layers, MLP "
         f"{text['intermediate_size']}, {text['num_attention_heads']} heads of {text['head_dim']}, "
         f"{text['num_key_value_heads']} KV head(s). Stored as {dtype}.",
+        "- Tokenizer: sentencepiece BPE trained on the task's words, with PaliGemma's special-token layout",
+        "  (`<image>`, `<loc0000>`..`<loc1023>`, `<seg000>`..`<seg127>`).",
         f"- Training: full, vision tower included, {state['step']} steps of batch {o['batch_size']} "
         f"({state['examples']:,} examples, each a fresh scene) in {state['elapsed'] / 60:.0f} minutes; AdamW lr "
         f"{o['lr']}, {o['warmup']} warm-up steps, cosine to {o['min_lr_ratio']} x lr; `--loc-smoothing "
@@ -663,9 +679,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="schedule by steps instead of time (reproducible)")
     g.add_argument("--batch-size", type=int, default=t.batch_size, help=f"examples per step (default {t.batch_size})")
     g.add_argument("--lr", type=float, default=t.lr, help=f"peak AdamW learning rate (default {t.lr:g})")
-    g.add_argument("--min-lr-ratio", type=float, default=t.min_lr_ratio, help="cosine floor as a fraction of --lr")
+    g.add_argument(
+        "--min-lr-ratio", type=float, default=t.min_lr_ratio, help="cosine floor as a fraction of --lr (default 0.05)"
+    )
     g.add_argument("--warmup", type=int, default=t.warmup, help=f"linear warm-up steps (default {t.warmup})")
-    g.add_argument("--weight-decay", type=float, default=t.weight_decay)
+    g.add_argument("--weight-decay", type=float, default=t.weight_decay, help="AdamW weight decay (default 0.01)")
     g.add_argument("--clip", type=float, default=t.clip, help="gradient norm clip (0: off)")
     g.add_argument(
         "--loc-smoothing",
@@ -697,14 +715,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--part-minutes", type=float, default=None, help="stop this part after so many minutes (saved)")
     g.add_argument("--stop-after-steps", type=int, default=None, help="stop this part after so many steps (saved)")
     g.add_argument("--save-minutes", type=float, default=part.save_minutes, help="snapshot every N minutes (default 5)")
-    g.add_argument("--eval-minutes", type=float, default=part.eval_minutes, help="learning-curve point every N minutes")
-    g.add_argument("--eval-images", type=int, default=part.eval_images, help="held-out scenes per curve point")
+    g.add_argument(
+        "--eval-minutes",
+        type=float,
+        default=part.eval_minutes,
+        help="learning-curve point every N minutes (default 12)",
+    )
+    g.add_argument(
+        "--eval-images", type=int, default=part.eval_images, help="held-out scenes per curve point (default 60)"
+    )
     g.add_argument("--no-prefetch", action="store_true", help="draw scenes in the training thread")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("architecture (a new run only; WORK/init keeps it)")
     for f in fields(Arch):
         flag = "--" + f.name.replace("_", "-")
-        g.add_argument(flag, type=int, default=getattr(arch, f.name), help=f"default {getattr(arch, f.name)}")
+        g.add_argument(
+            flag, type=int, default=getattr(arch, f.name), help=f"{ARCH_HELP[f.name]} (default {getattr(arch, f.name)})"
+        )
     g.add_argument("--count-parameters", action="store_true", help="print the architecture's parameters and size")
     g.add_argument(
         "--measure-speed",
@@ -713,8 +740,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("shipping")
     g.add_argument("--ship", metavar="DEST", help="copy the latest snapshot to DEST (mlx_paligemma/demo) and note it")
-    g.add_argument("--ship-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    g.add_argument("--ship-eval-images", type=int, default=200, help="held-out scenes of the shipped table")
+    g.add_argument(
+        "--ship-dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default="bfloat16",
+        help="storage of the shipped weights (default bfloat16: half the bytes; computed in float32 on a CPU)",
+    )
+    g.add_argument(
+        "--ship-eval-images", type=int, default=200, help="held-out scenes of the shipped table (default 200)"
+    )
     return p
 
 
