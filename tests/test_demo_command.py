@@ -163,3 +163,12 @@ def test_every_demo_file_is_package_data():
     files = {p for p in (package / "demo").rglob("*") if p.is_file()}
     shipped = {p for pattern in patterns for p in package.glob(pattern)}  # setuptools' glob semantics
     assert files and files <= shipped, sorted(str(p) for p in files - shipped)
+
+
+def test_the_pytorch_backend_gives_the_same_answers(demo_run):
+    """What `--backend torch` runs (in process: torch is imported once per test session)."""
+    from mlx_paligemma.reference import load as load_torch
+
+    _, rows = demo_run
+    torch_rows = demo.run_demo(*load_torch(demo.DEMO_DIR, device="cpu", dtype="float32"))
+    assert {(r["image"], r["prompt"]): r["answer"] for r in torch_rows} == {k: r["answer"] for k, r in rows.items()}
