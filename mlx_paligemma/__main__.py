@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 # subcommand -> module; a later command is one more line here.
 COMMANDS = {
+    "demo": "mlx_paligemma.commands.demo",
     "generate": "mlx_paligemma.commands.generate",
     "batch": "mlx_paligemma.commands.batch",
     "quantize": "mlx_paligemma.quantize",
@@ -25,10 +26,13 @@ PROG = "mlx-paligemma"
 
 
 def _summary(module: str) -> str:
-    """A module's one-line description: its docstring's first line, after the command's name."""
+    """A module's one-line description: its docstring's first line without the command's name, which
+    comes first (`mlx-paligemma doctor`: what ...) or last (Fine-tune ...: `python -m ...`)."""
     doc = (importlib.import_module(module).__doc__ or "").strip().splitlines()
     first = doc[0] if doc else ""
-    return first.split(": ", 1)[1].rstrip(".") if ": " in first else first
+    head, _, tail = first.partition(": ")
+    words = tail if head.startswith("`") else head
+    return words.rstrip(".") or first
 
 
 def _usage() -> str:

@@ -5,10 +5,11 @@
 Prints the platform, MLX (version, default device, on Linux the BLAS it loaded), torch (version,
 MPS, CUDA); then checks the ops PaliGemma needs (matmul, softmax, conv2d, SDPA, RMS norm,
 bf16/fp16 casts) on every available backend against float64 numpy, and runs a tiny PaliGemma 1
-and 2 (built by `tools/make_tiny_checkpoint.py`) on every backend, torch logits against MLX logits.
-Exit status 0 only if every check on every available backend passes. Without torch (the plain
-install) the MLX checks still run; the tiny forward is skipped, since building the tiny
-checkpoint needs torch.
+and 2 (built by `tools/make_tiny_checkpoint.py`) on every backend, torch logits against MLX logits,
+and the shipped demo model on MLX against the PyTorch reference's logits stored beside it
+(`demo/forward_check.json`, written when the model is shipped). Exit status 0 only if every check
+on every available backend passes. Without torch (the plain install) the op checks and the demo
+model's forward still run; the tiny checkpoints are not built (that needs torch).
 
 A slow or wrong backend is far easier to diagnose here than inside a 3B model: e.g. the MLX
 CPU wheel on Linux ships the unoptimised reference BLAS, and an MPS op without a kernel
@@ -25,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -269,6 +270,8 @@ def forward_checks(devices: list[str], mlx_name: str, workdir: Path) -> list[Res
     import mlx_paligemma
 
     skipped = _why_no_tiny_checkpoint()
+    if skipped == _NO_TORCH:
+        return []  # the demo model's forward check stands in for them (main)
     if skipped:
         return [
             Result(mlx_name, f"tiny {label} forward", "SKIP", 0.0, skipped) for label in ("PaliGemma 1", "PaliGemma 2")
@@ -329,10 +332,65 @@ def forward_checks(devices: list[str], mlx_name: str, workdir: Path) -> list[Res
     return results
 
 
+DEMO_REFERENCE = "forward_check.json"
+_NO_TORCH = "skipped: the tiny checkpoint is built with torch, which is not installed (pip install torch)"
+_DEMO_INPUT = {"image": "examples/shapes1.png", "prompt": "caption en", "suffix": "a red triangle", "positions": 6}
+
+
+def _demo_batch(processor, model_dir: Path) -> dict[str, np.ndarray]:
+    """The demo checks' input: an example image, a prompt and a teacher-forced answer (prefix and causal
+    suffix positions both covered), as numpy arrays."""
+    image = model_dir / _DEMO_INPUT["image"]
+    batch = processor(images=[image], prompts=[_DEMO_INPUT["prompt"]], suffixes=[_DEMO_INPUT["suffix"]])
+    return {k: np.asarray(v) for k, v in batch.items()}
+
+
+def write_demo_reference(model_dir: Path) -> Path:
+    """Store the PyTorch reference backend's float32 logits (last positions of `_DEMO_INPUT`) beside a
+    demo model, for the doctor's check on machines without torch. Needs torch (run when shipping)."""
+    import torch
+
+    from .fsutil import atomic_write_text
+    from .reference import load as load_torch
+
+    model, processor = load_torch(model_dir, device="cpu", dtype="float32")
+    batch = _demo_batch(processor, Path(model_dir))
+    with torch.no_grad():
+        logits = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).float().numpy()
+    last = logits[0, -_DEMO_INPUT["positions"] :]
+    record = dict(_DEMO_INPUT, computed_by=f"mlx_paligemma.reference (torch {torch.__version__}), float32, CPU")
+    record["logits"] = [[float(f"{v:.7g}") for v in row] for row in last.tolist()]
+    path = Path(model_dir) / DEMO_REFERENCE
+    atomic_write_text(path, json.dumps(record) + "\n")
+    return path
+
+
+def demo_forward_check(mlx_name: str, kind: str, model_dir: Optional[Path] = None) -> Result:
+    """MLX logits of the shipped demo model against the PyTorch reference's, stored with the model."""
+    import mlx_paligemma
+    from mlx_paligemma.checkpoint import resolve_model_dir
+
+    model_dir = Path(model_dir) if model_dir is not None else Path(mlx_paligemma.__file__).parent / "demo"
+    start = time.perf_counter()
+    name = "demo model forward"
+    try:
+        reference = json.loads((model_dir / DEMO_REFERENCE).read_text())
+        model, processor = mlx_paligemma.load(resolve_model_dir(model_dir), dtype="float32")
+        batch = _demo_batch(processor, model_dir)
+        logits = np.asarray(model(**batch)[0, -reference["positions"] :])
+    except Exception as e:  # a missing file or a broken kernel is a result to report
+        return Result(mlx_name, name, "FAIL", time.perf_counter() - start, f"{type(e).__name__}: {e}")
+    expected = np.asarray(reference["logits"], dtype=np.float64)
+    err = float(np.abs(logits - expected).max()) / max(1.0, float(np.abs(expected).max()))
+    ok = logits.shape == expected.shape and err <= TOL_LOGITS[kind]
+    detail = f"vs stored PyTorch logits: normalised max diff {err:.1e} (tolerance {TOL_LOGITS[kind]:.0e})"
+    return Result(mlx_name, name, "PASS" if ok else "FAIL", time.perf_counter() - start, detail)
+
+
 def _why_no_tiny_checkpoint() -> str:
     """Why the tiny checkpoint cannot be built here ("" when it can)."""
     if not torch_installed():
-        return "skipped: the tiny checkpoint is built with torch, which is not installed (pip install torch)"
+        return _NO_TORCH
     try:
         import tools.make_tiny_checkpoint  # noqa: F401
     except ImportError:
@@ -383,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         results += op_checks(TorchBackend(device))
     with tempfile.TemporaryDirectory(prefix="mlx-paligemma-doctor-") as tmp:
         results += forward_checks(devices, mlx_backend.name, Path(tmp))
+    results.append(demo_forward_check(mlx_backend.name, mlx_backend.kind))
     if args.json:
         print(json.dumps({"environment": info, "checks": [asdict(r) for r in results]}, indent=2))
     else:

@@ -37,6 +37,15 @@ def test_each_subcommand_has_a_main_and_its_own_help(name, capsys):
     assert f"mlx-paligemma {name}" in capsys.readouterr().out
 
 
+def test_help_describes_every_subcommand_in_words(capsys):
+    main(["--help"])
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    for name in COMMANDS:
+        summary = lines[name].split(None, 1)[1]
+        assert "`" not in summary and "python -m" not in summary and len(summary.split()) >= 3, lines[name]
+    assert "Fine-tune" in lines["finetune"]
+
+
 def test_an_unknown_subcommand_is_one_line_and_exit_2(capsys):
     assert main(["genrate"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

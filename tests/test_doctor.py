@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mlx_paligemma import doctor
@@ -37,6 +39,8 @@ def test_doctor_passes_on_every_available_backend():
         lines = [line for line in out.stdout.splitlines() if line.startswith(backend)]
         assert lines and all(" PASS " in line or " SKIP " in line for line in lines), backend
         assert any("tiny PaliGemma 1 forward" in line for line in lines)
+    demo = [line for line in out.stdout.splitlines() if line.startswith("mlx (") and "demo model forward" in line]
+    assert len(demo) == 1 and " PASS " in demo[0]
     assert "FAIL" not in out.stdout
     assert out.stdout.rstrip().splitlines()[-1].startswith("PASS")
 
@@ -50,6 +54,23 @@ def test_doctor_json_lists_the_environment_and_every_check():
     for backend in expected_backends():
         assert (backend, "sdpa") in checks and (backend, "tiny PaliGemma 2 forward") in checks
     assert all(c["status"] in ("PASS", "SKIP") for c in report["checks"])
+
+
+def test_the_demo_models_stored_reference_is_the_torch_backends_output_now(tmp_path):
+    """forward_check.json holds what the PyTorch reference computes for the shipped weights (rewritten
+    in a copy and compared), and a wrong stored logit fails the check."""
+    demo = Path(doctor.__file__).parent / "demo"
+    copy = tmp_path / "demo"
+    shutil.copytree(demo, copy)
+    doctor.write_demo_reference(copy)
+    stored = json.loads((demo / doctor.DEMO_REFERENCE).read_text())
+    fresh = json.loads((copy / doctor.DEMO_REFERENCE).read_text())
+    assert np.abs(np.array(stored["logits"]) - np.array(fresh["logits"])).max() <= 1e-5
+    assert doctor.demo_forward_check("mlx (cpu)", "cpu", copy).status == "PASS"
+    fresh["logits"][-1][0] += 1.0
+    (copy / doctor.DEMO_REFERENCE).write_text(json.dumps(fresh))
+    failed = doctor.demo_forward_check("mlx (cpu)", "cpu", copy)
+    assert failed.status == "FAIL" and "normalised max diff" in failed.detail
 
 
 def test_doctor_exits_1_when_a_check_fails(monkeypatch, capsys):
@@ -77,7 +98,8 @@ def test_without_torch_the_doctor_runs_the_mlx_checks_and_says_torch_is_missing(
     mlx = [c for c in report["checks"] if c["backend"].startswith("mlx")]
     assert {c["check"] for c in mlx} >= {"matmul", "sdpa", "rms_norm"} and all(c["status"] != "FAIL" for c in mlx)
     forward = [c for c in mlx if "forward" in c["check"]]
-    assert forward and all(c["status"] == "SKIP" and "pip install torch" in c["detail"] for c in forward)
+    assert [(c["check"], c["status"]) for c in forward] == [("demo model forward", "PASS")], forward
+    assert "vs stored PyTorch logits" in forward[0]["detail"]
     assert not any(c["backend"].startswith("torch") for c in report["checks"])
     assert out.stderr == ""
 

@@ -35,6 +35,12 @@ def test_mlx_generation_needs_neither_torch_nor_transformers(pg1_dir, image_path
     assert out.stdout.endswith("\n") and out.stderr == ""
 
 
+def test_the_demo_command_needs_neither_torch_nor_transformers(tmp_path):
+    out = run_without_torch(["-m", "mlx_paligemma", "demo", "--out", str(tmp_path / "demo.png")])
+    assert out.returncode == 0, out.stderr
+    assert "caption en" in out.stdout and (tmp_path / "demo.png").is_file()
+
+
 def test_the_torch_backend_says_what_to_install(pg1_dir, image_path):
     args = ["-m", "mlx_paligemma.generate", "--model", str(pg1_dir), "--image", str(image_path)]
     assert_install_hint(run_without_torch([*args, "--prompt", "caption en", "--backend", "torch"]))

@@ -1,14 +1,28 @@
 """Build and train the demo model that ships in `mlx_paligemma/demo/`, from scratch, on the shapes task.
 
-    LD_PRELOAD=/work/venv/lib/libmkl_rt.so.3 python -m tools.train_demo_model WORK_DIR [--minutes 60]
+    LD_PRELOAD=/work/venv/lib/libmkl_rt.so.3 python -m tools.train_demo_model WORK_DIR --minutes 180 \\
+        --part-minutes 60                  # first part; then the same command with --resume, twice
+    python -m tools.train_demo_model WORK_DIR --ship mlx_paligemma/demo
 
-Steps (each skipped when its output exists, so a rerun resumes):
-1. `WORK/init`: a small PaliGemma-architecture checkpoint with random weights and its own sentencepiece
-   tokenizer in the PaliGemma layout (`<image>`, `<loc0000>`..`<loc1023>`, `<seg000>`..`<seg127>`);
-2. `WORK/data`: synthetic shapes scenes (tools/shapes.py) as images + JSON lines;
-3. `WORK/run`: `mlx_paligemma.finetune` (full fine-tuning, vision tower included, ordered `<loc>`
-   embeddings, Gaussian `<loc>` label smoothing), saving every few minutes (`--resume` semantics)
-   and logging per-task accuracy on held-out scenes to `WORK/log.txt` every `--eval-minutes`.
+Steps:
+1. `WORK/init`: a small PaliGemma-architecture checkpoint with random weights (size from the architecture
+   options) and its own sentencepiece tokenizer in the PaliGemma layout (`<image>`, `<loc0000>`..`<loc1023>`,
+   `<seg000>`..`<seg127>`);
+2. training, full (vision tower included), on scenes generated afresh for every step
+   (`tools/demo_stream.py`: reproducible from `--seed`, a background thread draws them), with the loss and
+   compiled step of `mlx_paligemma.finetune` (prefix-LM masks, ordered `<loc>` embeddings, Gaussian `<loc>`
+   label smoothing); AdamW, linear warm-up then cosine decay over the whole schedule (`--minutes` of
+   training, or `--steps`), which may run in parts (`--part-minutes`, then `--resume`);
+3. a snapshot (weights, optimiser state, step, elapsed time, options) every `--save-minutes` in
+   `WORK/checkpoints/step-NNNNNNN`, written whole before `WORK/checkpoints/LATEST` names it (a crash never
+   leaves a half snapshot), older snapshots removed;
+4. the learning curve: every `--eval-minutes` and at the end of each part, one JSON line in `WORK/log.txt`
+   (minutes, step, examples seen, loss, learning rate, steps/s, and every `benchmarks.eval_shapes` score on
+   `--eval-images` held-out scenes: caption, count, colour, detection, absent shape, multi-class);
+5. `--ship DEST`: the latest snapshot into the package, stored as `--ship-dtype` (bfloat16 by default:
+   twice the parameters of float32 under the 20 MB limit; the loader computes float32 on a CPU), the example
+   images, the doctor's reference logits, and the generated part of DEST/README.md (evaluation table on
+   both backends and 8-bit, learning curve).
 """
 
 from __future__ import annotations
@@ -21,24 +35,43 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Optional
 
-from mlx_paligemma.fsutil import atomic_write_text
+from mlx_paligemma.cli import ArgumentParser, run_main
+from mlx_paligemma.errors import PaliGemmaError
+from mlx_paligemma.fsutil import atomic_dir, atomic_path, atomic_write_text
 from tools import shapes
+from tools.demo_stream import DEFAULT_MIX, Prefetcher, SceneStream, describe_mix, parse_mix
 from tools.make_tiny_checkpoint import BOS_ID, EOS_ID, PAD_ID, build_sentencepiece_model, write_processor_files
 
+PROG = "python -m tools.train_demo_model"
 VOCAB_MULTIPLE = 64
+SIZE_LIMIT = 20 * 1024 * 1024  # the shipped model.safetensors (tests/test_demo_model.py checks it)
 
-# The architecture (measured candidates are in the demo's README.md).
-ARCH = dict(
-    image_size=64,
-    patch_size=16,
-    vision=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4),
-    text=dict(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1
-    ),
-    head_dim=64,
-)
+
+@dataclass
+class Arch:
+    """The model's size. Defaults: the retrain's choice (mlx_paligemma/demo/README.md, "Plan"): the first
+    model's widths at 112 px (49 image tokens), 4.6 M parameters (8.8 MiB stored in 16 bits)."""
+
+    image_size: int = 112
+    patch_size: int = 16
+    vision_width: int = 192
+    vision_layers: int = 4
+    vision_mlp: int = 768
+    vision_heads: int = 4
+    text_width: int = 256
+    text_layers: int = 4
+    text_mlp: int = 512
+    text_heads: int = 4
+    kv_heads: int = 1
+    head_dim: int = 64
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
 
 
 def _corpus() -> list[str]:
@@ -59,37 +92,45 @@ def _corpus() -> list[str]:
 def build_sentencepiece(pieces: int = 160) -> bytes:
     """A sentencepiece model with Gemma's conventions and the PaliGemma special tokens (as
     tools/make_tiny_checkpoint.py builds them), trained on the shapes vocabulary so that every task
-    word is one or two pieces."""
+    word is one or two pieces (the new shapes of tools/shapes.py are not in it: they are for teaching)."""
     return build_sentencepiece_model(_corpus(), pieces)
 
 
-def _write_processor(out_dir: Path, image_size: int, num_image_tokens: int) -> int:
-    """Tokenizer + image-processor files as transformers' PaliGemmaProcessor writes them; returns `<image>`'s id."""
-    return write_processor_files(out_dir, image_size, num_image_tokens, build_sentencepiece())
-
-
-def build_init(out_dir: str | Path, arch: dict = ARCH, seed: int = 0) -> Path:
-    """A random-weight checkpoint of `arch` with the demo tokenizer (MLX's default initialisation)."""
+def build_init(out_dir: str | Path, arch: Optional[Arch] = None, seed: int = 0) -> Path:
+    """A random-weight checkpoint of `arch` (default: `Arch()`) with the demo tokenizer (MLX's default
+    initialisation)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from transformers import PaliGemmaConfig
 
     from mlx_paligemma.config import load_config
-    from mlx_paligemma.fsutil import atomic_dir
     from mlx_paligemma.models import Model
 
+    arch = arch or Arch()
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out_dir) as tmp:
-        n_img = (arch["image_size"] // arch["patch_size"]) ** 2
-        image_token = _write_processor(tmp, arch["image_size"], n_img)
+        image_token = write_processor_files(tmp, arch.image_size, arch.image_tokens, build_sentencepiece())
         vocab = math.ceil((image_token + 1) / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        text = dict(arch["text"], model_type="gemma", vocab_size=vocab, head_dim=arch["head_dim"], dtype="float32")
+        text = dict(
+            model_type="gemma",
+            hidden_size=arch.text_width,
+            intermediate_size=arch.text_mlp,
+            num_hidden_layers=arch.text_layers,
+            num_attention_heads=arch.text_heads,
+            num_key_value_heads=arch.kv_heads,
+            head_dim=arch.head_dim,
+            vocab_size=vocab,
+            dtype="float32",
+        )
         vision = dict(
-            arch["vision"],
             model_type="siglip_vision_model",
-            patch_size=arch["patch_size"],
-            image_size=arch["image_size"],
+            hidden_size=arch.vision_width,
+            intermediate_size=arch.vision_mlp,
+            num_hidden_layers=arch.vision_layers,
+            num_attention_heads=arch.vision_heads,
+            patch_size=arch.patch_size,
+            image_size=arch.image_size,
             layer_norm_eps=1e-6,
             vision_use_head=False,
             dtype="float32",
@@ -97,7 +138,7 @@ def build_init(out_dir: str | Path, arch: dict = ARCH, seed: int = 0) -> Path:
         config = PaliGemmaConfig(
             text_config=text,
             vision_config=vision,
-            projection_dim=text["hidden_size"],
+            projection_dim=arch.text_width,
             image_token_index=image_token,
             vocab_size=vocab,
             bos_token_id=BOS_ID,
@@ -114,82 +155,381 @@ def build_init(out_dir: str | Path, arch: dict = ARCH, seed: int = 0) -> Path:
     return out_dir
 
 
-def write_mixed_dataset(out_dir: Path, images: int, seed: int) -> Path:
-    """Scenes with a question mix weighted towards the hard tasks: every caption and detection of a present
-    kind, the count half the time, one colour question, and an absent-kind detection one time in five."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "images").mkdir(exist_ok=True)
-    rng = random.Random(seed)
-    lines = []
-    for i in range(images):
-        scene = shapes.make_scene(rng)
-        name = f"images/{i:06d}.png"
-        if not (out_dir / name).exists():
-            scene.render().save(out_dir / name)
-        kinds = [s.kind for s in scene.shapes]
-        qs = [(shapes.CAPTION_PROMPT, shapes.caption(scene))]
-        if rng.random() < 0.5:
-            qs.append((shapes.COUNT_PROMPT, str(len(scene.shapes))))
-        single = [k for k in shapes.SHAPES if kinds.count(k) == 1]
-        if single:
-            k = rng.choice(single)
-            qs.append((shapes.colour_prompt(k), next(s.colour for s in scene.shapes if s.kind == k)))
-        qs += [(shapes.detect_prompt(k), shapes.detection(scene, k)) for k in shapes.SHAPES if k in kinds]
-        absent = [k for k in shapes.SHAPES if k not in kinds]
-        if absent and rng.random() < 0.2:
-            qs.append((shapes.detect_prompt(rng.choice(absent)), ""))
-        lines += [json.dumps({"image": name, "prefix": p, "suffix": s}) for p, s in qs]
-    path = out_dir / "data.jsonl"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    # The second curriculum stage: the same questions without the empty (absent-kind) detections.
-    present = [line for line in lines if not line.endswith('"suffix": ""}')]
-    atomic_write_text(out_dir / "data_present.jsonl", "\n".join(present) + "\n")
-    return path
+def parameter_count(arch: Arch) -> int:
+    """Parameters of `arch` (tokenizer of the demo: the vocabulary is the same for every size)."""
+    import tempfile
 
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_paligemma.config import load_config
+    from mlx_paligemma.models import Model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_init(Path(tmp) / "init", arch)
+        model = Model(load_config(Path(tmp) / "init"))
+        return sum(v.size for _, v in tree_flatten(model.parameters()) if isinstance(v, mx.array))
+
+
+# --- training --------------------------------------------------------------------------------------------
+
+
+_DEFAULT_SHAPES, _DEFAULT_COLOURS = ",".join(shapes.SHAPES), ",".join(shapes.COLOURS)
+
+
+@dataclass
+class TrainOptions:
+    """The schedule and the data: fixed by the first part of a run, reused by every `--resume`."""
+
+    minutes: Optional[float] = 170.0
+    steps: Optional[int] = None
+    batch_size: int = 32
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.05
+    warmup: int = 300
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    loc_smoothing: float = 4.0
+    pad_multiple: int = 8
+    seed: int = 0
+    mix: str = ",".join(f"{k}={v:g}" for k, v in DEFAULT_MIX.items())
+    absent_from: float = 0.3
+    shapes: str = _DEFAULT_SHAPES
+    colours: str = _DEFAULT_COLOURS
+
+
+@dataclass
+class PartOptions:
+    """How this invocation runs: may differ from part to part."""
+
+    part_minutes: Optional[float] = None
+    stop_after_steps: Optional[int] = None
+    save_minutes: float = 5.0
+    eval_minutes: float = 12.0
+    eval_images: int = 60
+    prefetch: bool = True
+    quiet: bool = False
+
+
+ARCH_HELP = {
+    "image_size": "input pixels per side (image tokens: (size / patch)^2)",
+    "patch_size": "SigLIP patch side in pixels",
+    "vision_width": "SigLIP hidden size",
+    "vision_layers": "SigLIP layers",
+    "vision_mlp": "SigLIP MLP size",
+    "vision_heads": "SigLIP attention heads",
+    "text_width": "Gemma hidden size (also the projector's output)",
+    "text_layers": "Gemma layers",
+    "text_mlp": "Gemma MLP size",
+    "text_heads": "Gemma attention heads",
+    "kv_heads": "Gemma key/value heads",
+    "head_dim": "Gemma head size",
+}
+CHECKPOINTS = "checkpoints"
+LATEST = "LATEST"
+# Beside the weights, in a subdirectory: checkpoint loaders read every *.safetensors at the top level.
+OPTIMIZER = "training_state/optimizer.safetensors"
+STATE = "training_state/state.json"
+
+
+def latest_snapshot(work: Path) -> Optional[Path]:
+    pointer = work / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    path = work / CHECKPOINTS / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def save_snapshot(work: Path, model, optimizer, state: dict) -> Path:
+    """Weights + optimiser state + state.json into a new directory (complete or absent), then LATEST
+    names it, then older snapshots go."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_paligemma.finetune import write_checkpoint
+
+    root = work / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{state['step']:07d}"
+    with atomic_dir(root / name, replace=True) as tmp:
+        write_checkpoint(model, tmp, work / "init")
+        (tmp / OPTIMIZER).parent.mkdir()
+        mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer.state)))
+        (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
+    atomic_write_text(root / LATEST, name + "\n")
+    for old in root.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return root / name
+
+
+def lr_at(opts: TrainOptions, step: int, progress: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from `lr` to `lr * min_lr_ratio` over the schedule."""
+    if step < opts.warmup:
+        return opts.lr * (step + 1) / opts.warmup
+    floor = opts.lr * opts.min_lr_ratio
+    return floor + 0.5 * (opts.lr - floor) * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def log_eval(work: Path, model, processor, record: dict, images: int, vocab: shapes.Vocabulary) -> dict:
+    """Score the model on held-out scenes and append one JSON line to WORK/log.txt."""
+    from benchmarks.eval_shapes import evaluate
+
+    t = time.perf_counter()
+    model.eval()
+    metrics = evaluate(model, processor, images, vocab=vocab)
+    model.train()
+    record = dict(record)
+    # NaN (a kind absent from the scenes) is written as null: the log stays strict JSON
+    record.update({k: round(v, 4) if v == v else None for k, v in metrics.items() if isinstance(v, float)})
+    record["eval_seconds"] = round(time.perf_counter() - t, 1)
+    with open(work / "log.txt", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"eval: {json.dumps(record)}", file=sys.stderr, flush=True)
+    return record
+
+
+def make_step(model, optimizer, processor, opts: TrainOptions):
+    """`step(numpy_batch) -> mean suffix loss`: one AdamW update, compiled once per batch shape, with
+    `mlx_paligemma.finetune`'s loss (prefix-LM masks, logits over the suffix span only, `<loc>` smoothing).
+    Gradients are sums over tokens divided by the batch's token count, clipped, as in finetune."""
+    from functools import partial
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_map
+
+    from mlx_paligemma.finetune import forward, loc_token_range, suffix_token_losses
+
+    loss_kw = dict(loc_range=loc_token_range(processor), loc_sigma=opts.loc_smoothing)
+
+    def loss_sum(batch: dict, last: int):
+        nll, w = suffix_token_losses(forward(model, batch, last), batch, **loss_kw)
+        return (nll * w).sum(), w.sum()
+
+    value_and_grad = nn.value_and_grad(model, loss_sum)
+
+    # the model's (and optimiser's) state is an input and an output of the compiled functions, as in
+    # mlx-lm's trainer; `last` (a Python int) is a constant of each compiled shape
+    @partial(mx.compile, inputs=model.state, outputs=model.state)
+    def compiled_grads(batch: dict, last: int):
+        (loss, ntok), grads = value_and_grad(batch, last)
+        return loss, ntok, grads
+
+    update_state = [model.state, optimizer.state]
+
+    @partial(mx.compile, inputs=update_state, outputs=update_state)
+    def apply_update(grads: dict, ntok: mx.array) -> None:
+        grads = tree_map(lambda g: g / mx.maximum(ntok, 1), grads)
+        if opts.clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, opts.clip)
+        optimizer.update(model, grads)
+
+    def step(numpy_batch: dict) -> float:
+        numpy_batch = dict(numpy_batch)
+        last = int(numpy_batch.pop("last"))
+        loss, ntok, grads = compiled_grads({k: mx.array(v) for k, v in numpy_batch.items()}, last)
+        apply_update(grads, ntok)
+        mx.eval(model.trainable_parameters(), optimizer.state, loss)
+        return float(loss / mx.maximum(ntok, 1))
+
+    return step
+
+
+def measure_speed(arch: Arch, opts: TrainOptions, batches: int = 16) -> dict:
+    """Steady-state training speed of `arch`: `batches` batches of the stream once (every shape gets
+    compiled), then the same batches again, timed. Examples per second is what to compare between sizes
+    (with how much each size learns per example: mlx_paligemma/demo/README.md)."""
+    import tempfile
+
+    import mlx.optimizers as optim
+
+    from mlx_paligemma.finetune import fast_activations
+    from mlx_paligemma.load import load_model
+    from mlx_paligemma.processor import Processor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init = build_init(Path(tmp) / "init", arch)
+        model = load_model(init, "float32")
+        processor = Processor.from_dir(init, model.config)
+    model.train()
+    optimizer = optim.AdamW(learning_rate=opts.lr * 0.1, weight_decay=opts.weight_decay)
+    stream = SceneStream(processor, opts.batch_size, opts.seed, parse_mix(opts.mix), 0.0)
+    data = [b for i in range(-(-batches // stream.pool)) for b in stream.chunk(i, 0.5)][:batches]
+    step = make_step(model, optimizer, processor, opts)
+    with fast_activations():
+        t = time.perf_counter()
+        for batch in data:
+            step(batch)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        for batch in data:
+            step(batch)
+        steady = time.perf_counter() - t
+    return {
+        "image_tokens": arch.image_tokens,
+        "batches": batches,
+        "first_pass_s": round(first, 1),
+        "steps_per_s": round(batches / steady, 2),
+        "examples_per_s": round(batches * opts.batch_size / steady, 1),
+    }
+
+
+def train(work: Path, opts: TrainOptions, part: PartOptions, resume: bool) -> dict:
+    """One part of the run; returns the final state (step, elapsed, examples)."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx.utils import tree_unflatten
+
+    from mlx_paligemma.finetune import fast_activations, order_loc_embeddings
+    from mlx_paligemma.load import load_model
+    from mlx_paligemma.processor import Processor
+
+    snapshot = latest_snapshot(work)
+    source = snapshot if resume else work / "init"
+    model = load_model(source, "float32")
+    processor = Processor.from_dir(work / "init", model.config)
+    state = {"step": 0, "elapsed": 0.0, "examples": 0}
+    if resume:
+        state = json.loads((snapshot / STATE).read_text())
+    else:
+        order_loc_embeddings(model, processor)
+    model.unfreeze()
+    model.train()
+    optimizer = optim.AdamW(learning_rate=opts.lr, weight_decay=opts.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    if resume:
+        optimizer.state = tree_unflatten(list(mx.load(str(snapshot / OPTIMIZER)).items()))
+        mx.eval(optimizer.state)
+
+    vocab = shapes.Vocabulary.parse(opts.shapes, opts.colours)
+    stream = SceneStream(
+        processor,
+        opts.batch_size,
+        opts.seed,
+        parse_mix(opts.mix),
+        opts.absent_from,
+        vocab,
+        pad_multiple=opts.pad_multiple,
+    )
+    budget = opts.minutes * 60 if opts.minutes else None
+    t0 = time.perf_counter() - state["elapsed"]
+
+    def progress(step: int) -> float:
+        if opts.steps:
+            return step / opts.steps
+        return (time.perf_counter() - t0) / budget
+
+    train_step = make_step(model, optimizer, processor, opts)
+
+    source_batches = stream.batches(state["step"], progress)
+    batches = Prefetcher(source_batches) if part.prefetch else source_batches
+    bar = None
+    if not part.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=opts.steps, initial=state["step"], desc="train", unit="step", file=sys.stderr)
+    part_start, start_step = time.perf_counter(), state["step"]
+    next_save = part_start + part.save_minutes * 60
+    next_eval = part_start + part.eval_minutes * 60
+    ema = state.get("loss_ema")
+
+    def record() -> dict:
+        rate = (state["step"] - start_step) / max(time.perf_counter() - part_start, 1e-9)
+        return {
+            "minutes": round(state["elapsed"] / 60, 1),
+            "step": state["step"],
+            "examples": state["examples"],
+            "loss": round(ema, 4) if ema is not None else None,
+            "lr": float(f"{lr_at(opts, state['step'], progress(state['step'])):.3g}"),
+            "steps_per_s": round(rate, 3),
+        }
+
+    try:
+        with fast_activations():
+            while True:
+                now = time.perf_counter()
+                if opts.steps and state["step"] >= opts.steps or budget and now - t0 >= budget:
+                    break
+                if part.part_minutes and now - part_start >= part.part_minutes * 60:
+                    break
+                if part.stop_after_steps and state["step"] - start_step >= part.stop_after_steps:
+                    break
+                optimizer.learning_rate = mx.array(lr_at(opts, state["step"], progress(state["step"])))
+                value = train_step(next(batches))
+                ema = value if ema is None else 0.98 * ema + 0.02 * value
+                state["step"] += 1
+                state["examples"] += opts.batch_size
+                state["elapsed"] = time.perf_counter() - t0
+                state["loss_ema"] = ema
+                if bar is not None:
+                    bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
+                    bar.update(1)
+                now = time.perf_counter()
+                if now >= next_save:
+                    save_snapshot(work, model, optimizer, {**state, "options": asdict(opts)})
+                    next_save = now + part.save_minutes * 60
+                if now >= next_eval:
+                    log_eval(work, model, processor, record(), part.eval_images, vocab)
+                    next_eval = time.perf_counter() + part.eval_minutes * 60
+    finally:
+        if isinstance(batches, Prefetcher):
+            batches.close()
+        if bar is not None:
+            bar.close()
+    save_snapshot(work, model, optimizer, {**state, "options": asdict(opts)})
+    log_eval(work, model, processor, record(), part.eval_images, vocab)
+    return state
+
+
+# --- shipping --------------------------------------------------------------------------------------------
 
 EXAMPLES_SEED = 7
+PROMPTS_FILE = "prompts.json"
+
+
+def example_questions(scene: shapes.Scene) -> list[str]:
+    """What `mlx-paligemma demo` asks of an example image: caption, count, the colour of the leftmost
+    shape whose kind occurs once, detection of the leftmost shape's kind, a multi-class detection (the
+    other kinds present, or a present and an absent kind), and an absent kind when there is one."""
+    kinds = list(dict.fromkeys(scene.kinds()))  # distinct, left to right
+    out = [shapes.CAPTION_PROMPT, shapes.COUNT_PROMPT]
+    single = [k for k in kinds if k in shapes.unique_kinds(scene)]
+    if single:
+        out.append(shapes.colour_prompt(single[0]))
+    out.append(shapes.detect_prompt(kinds[0]))
+    absent = [k for k in shapes.SHAPES if k not in kinds]
+    others = kinds[1:] if len(kinds) > 2 else kinds
+    out.append(shapes.detect_prompt(*others) if len(others) > 1 else shapes.detect_prompt(kinds[0], absent[0]))
+    if absent:
+        out.append(shapes.detect_prompt(absent[0]))
+    return out
+
+
+def example_scenes() -> list[shapes.Scene]:
+    """The scenes of the shipped example images: three, two and one shapes from a fixed seed (never
+    used for training or evaluation)."""
+    rng = random.Random(EXAMPLES_SEED)
+    return [shapes.make_scene(rng, count) for count in (3, 2, 1)]
 
 
 def write_examples(out_dir: Path) -> list[tuple[Path, shapes.Scene]]:
-    """The example images shipped with the demo: scenes of three, two and one shapes from a fixed seed
-    (never used for training or evaluation)."""
+    """shapes1.png .. shapes3.png and prompts.json (what the demo command asks of each image)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(EXAMPLES_SEED)
-    written = []
-    for i, count in enumerate((3, 2, 1), start=1):
-        scene = shapes.make_scene(rng, count)
+    written, plan = [], []
+    for i, scene in enumerate(example_scenes(), start=1):
         path = out_dir / f"shapes{i}.png"
-        scene.render().save(path)
+        with atomic_path(path, suffix=".png") as tmp:
+            scene.render().save(tmp, format="PNG")
         written.append((path, scene))
+        plan.append({"image": path.name, "prompts": example_questions(scene)})
+    atomic_write_text(out_dir / PROMPTS_FILE, json.dumps(plan, indent=2) + "\n")
     return written
-
-
-class TimedEval:
-    """The finetune callback: every `minutes`, score the model on held-out scenes and append to the log."""
-
-    def __init__(self, log: Path, minutes: float, images: int):
-        self.log, self.every, self.images = log, minutes * 60, images
-        self.next = self.every
-
-    def __call__(self, step: int, model, processor, info: dict) -> None:
-        if info["elapsed"] < self.next:
-            return
-        self.next = info["elapsed"] + self.every
-        from benchmarks.eval_shapes import evaluate
-
-        t = time.perf_counter()
-        metrics = evaluate(model, processor, self.images)
-        record = {"minutes": round(info["elapsed"] / 60, 1), "step": step, "loss": round(info["loss_ema"], 4)}
-        record.update({k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
-        record["eval_seconds"] = round(time.perf_counter() - t, 1)
-        with open(self.log, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"eval: {json.dumps(record)}", file=sys.stderr, flush=True)
 
 
 SHIPPED = (
     "config.json",
-    "model.safetensors",
     "tokenizer.model",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -211,42 +551,51 @@ def evaluate_all(model_dir: Path, images: int) -> dict[str, dict]:
     return out
 
 
-def ship(work: Path, dest: Path, eval_images: int = 200, note_extra: str = "") -> dict:
-    """Copy the trained model into the package (`dest`), evaluate it, and write its README.md note."""
+def write_weights(snapshot: Path, dest: Path, dtype: str) -> int:
+    """The snapshot's weights stored as `dtype` (config.json says so too); returns the file's size."""
+    import mlx.core as mx
+
+    from mlx_paligemma.dtypes import mlx_dtypes
+
+    weights = mx.load(str(snapshot / "model.safetensors"))
+    target = mlx_dtypes()[dtype]
+    weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    with atomic_path(dest / "model.safetensors", suffix=".safetensors") as tmp:
+        mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
+    config = json.loads((dest / "config.json").read_text())
+    for section in (config, config["text_config"], config["vision_config"]):
+        section["dtype"] = dtype
+    atomic_write_text(dest / "config.json", json.dumps(config, indent=2) + "\n")
+    return (dest / "model.safetensors").stat().st_size
+
+
+GENERATED_START = "<!-- generated by tools/train_demo_model.py --ship: start -->"
+GENERATED_END = "<!-- generated by tools/train_demo_model.py --ship: end -->"
+
+
+def generated_note(state: dict, arch: dict, results: dict, curve: list[dict], eval_images: int, dtype: str) -> str:
+    """The README's measured part: recipe, evaluation table, learning curve."""
     from benchmarks.eval_shapes import TABLE_ROWS
 
-    run = work / "run"
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in SHIPPED:
-        if (run / name).is_file():
-            shutil.copyfile(run / name, dest / name)
-    write_examples(dest / "examples")
-    results = evaluate_all(dest, eval_images)
-    state = json.loads((run / "training_state" / "state.json").read_text())
-    curve = [json.loads(line) for line in (work / "log.txt").read_text().splitlines() if line.strip()]
+    o = state["options"]
+    vision, text = arch["vision_config"], arch["text_config"]
+    tokens = (vision["image_size"] // vision["patch_size"]) ** 2
     lines = [
-        "# The shapes demo model",
+        GENERATED_START,
+        "## Architecture and recipe (the shipped model)",
         "",
-        "A small PaliGemma-architecture model (SigLIP + Gemma, the same modules and checkpoint layout as",
-        "the real ones) trained from scratch, on 2 CPU cores, by `python -m tools.train_demo_model`, with",
-        "this package's own fine-tuning code (`mlx_paligemma.finetune`), on the synthetic shapes task of",
-        "`tools/shapes.py`. It knows nothing but coloured circles, squares and triangles.",
-        "",
-        "## Architecture and recipe",
-        "",
-        f"- Vision: {ARCH['image_size']} px input, patch {ARCH['patch_size']} "
-        f"({(ARCH['image_size'] // ARCH['patch_size']) ** 2} image tokens), SigLIP "
-        f"{ARCH['vision']['hidden_size']} wide x {ARCH['vision']['num_hidden_layers']} layers.",
-        f"- Decoder: Gemma {ARCH['text']['hidden_size']} wide x {ARCH['text']['num_hidden_layers']} layers, "
-        f"MLP {ARCH['text']['intermediate_size']}, {ARCH['text']['num_attention_heads']} heads of {ARCH['head_dim']}, "
-        f"1 KV head.",
+        f"- Vision: {vision['image_size']} px input, patch {vision['patch_size']} ({tokens} image tokens), SigLIP "
+        f"{vision['hidden_size']} wide x {vision['num_hidden_layers']} layers.",
+        f"- Decoder: Gemma {text['hidden_size']} wide x {text['num_hidden_layers']} layers, MLP "
+        f"{text['intermediate_size']}, {text['num_attention_heads']} heads of {text['head_dim']}, "
+        f"{text['num_key_value_heads']} KV head(s). Stored as {dtype}.",
         "- Tokenizer: sentencepiece BPE trained on the task's words, with PaliGemma's special-token layout",
         "  (`<image>`, `<loc0000>`..`<loc1023>`, `<seg000>`..`<seg127>`).",
-        f"- Training: full fine-tuning incl. the vision tower, {state['step']} steps of batch "
-        f"{state['options']['batch_size']} in {state['elapsed'] / 60:.0f} minutes "
-        f"(AdamW lr {state['options']['lr']}, {state['options']['warmup']} warm-up steps, then cosine decay over "
-        f"the time budget; `--order-loc-embeddings`, `--loc-smoothing {state['options']['loc_smoothing']}`), "
-        "40,000 training scenes, float32 with MKL.",
+        f"- Training: full, vision tower included, {state['step']} steps of batch {o['batch_size']} "
+        f"({state['examples']:,} examples, each a fresh scene) in {state['elapsed'] / 60:.0f} minutes; AdamW lr "
+        f"{o['lr']}, {o['warmup']} warm-up steps, cosine to {o['min_lr_ratio']} x lr; `--loc-smoothing "
+        f"{o['loc_smoothing']}`, ordered `<loc>` embeddings;",
+        f"  mix {describe_mix(parse_mix(o['mix']), o['absent_from'])}.",
         "",
         "## Evaluation",
         "",
@@ -262,88 +611,213 @@ def ship(work: Path, dest: Path, eval_images: int = 200, note_extra: str = "") -
         "",
         "## Learning curve",
         "",
-        "Per-task scores on 100 held-out scenes, measured during training (`log.txt` of the run):",
+        "Scores on held-out scenes during training (`WORK/log.txt`):",
         "",
-        "| minutes | step | caption | counting | colour | det. mIoU | det. recall@0.5 |",
-        "|---|---|---|---|---|---|---|",
+        "| minutes | step | examples | loss | caption | count | colour | mIoU | R@0.5 | absent | multi R@.5 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in curve:
         lines.append(
-            f"| {r['minutes']} | {r['step']} | {100 * r['caption_exact']:.0f}% | {100 * r['counting']:.0f}% | "
-            f"{100 * r['colour']:.0f}% | {r['detection_miou']:.3f} | {100 * r['detection_recall50']:.0f}% |"
+            f"| {r['minutes']} | {r['step']} | {r['examples']:,} | {r['loss']} | {100 * r['caption_exact']:.0f}% | "
+            f"{100 * r['counting']:.0f}% | {100 * r['colour']:.0f}% | {r['detection_miou']:.3f} | "
+            f"{100 * r['detection_recall50']:.0f}% | {100 * r['absent_empty']:.0f}% | "
+            f"{100 * r['multi_recall50']:.0f}% |"
         )
-    if note_extra:
-        lines += ["", note_extra.strip()]
-    atomic_write_text(dest / "README.md", "\n".join(lines) + "\n")
+    return "\n".join(lines + [GENERATED_END])
+
+
+def ship(work: Path, dest: Path, dtype: str = "bfloat16", eval_images: int = 200) -> dict:
+    """Copy the latest snapshot into the package (`dest`) as `dtype`, write the example images and the
+    doctor's reference logits, evaluate, and replace the generated part of DEST/README.md."""
+    from mlx_paligemma.doctor import write_demo_reference
+
+    snapshot = latest_snapshot(work)
+    if snapshot is None:
+        raise PaliGemmaError(f"{work}: no training snapshot to ship (train first)")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SHIPPED:
+        if (snapshot / name).is_file():
+            with atomic_path(dest / name) as tmp:
+                shutil.copyfile(snapshot / name, tmp)
+    size = write_weights(snapshot, dest, dtype)
+    if size > SIZE_LIMIT:
+        raise PaliGemmaError(f"{dest}/model.safetensors: {size:,} bytes, over the {SIZE_LIMIT:,}-byte limit")
+    write_examples(dest / "examples")
+    write_demo_reference(dest)
+    results = evaluate_all(dest, eval_images)
+    state = json.loads((snapshot / STATE).read_text())
+    curve = [json.loads(line) for line in (work / "log.txt").read_text().splitlines() if line.strip()]
+    note = generated_note(state, json.loads((dest / "config.json").read_text()), results, curve, eval_images, dtype)
+    readme = dest / "README.md"
+    text = readme.read_text() if readme.is_file() else "# The shapes demo model\n"
+    if GENERATED_START in text and GENERATED_END in text:
+        head, rest = text.split(GENERATED_START, 1)
+        text = head + note + rest.split(GENERATED_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + note + "\n"
+    atomic_write_text(readme, text)
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.train_demo_model", description=__doc__.split("\n\n")[0])
-    p.add_argument("work_dir")
-    p.add_argument("--images", type=int, default=40000, help="training scenes")
-    p.add_argument("--minutes", type=float, default=78.0, help="training time budget (wall clock)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=150)
-    p.add_argument("--loc-smoothing", type=float, default=10.0)
-    p.add_argument("--save-every", type=int, default=250)
-    p.add_argument("--eval-minutes", type=float, default=12.0)
-    p.add_argument("--eval-images", type=int, default=100)
-    p.add_argument(
-        "--data-file",
-        default="data.jsonl",
-        help="training file in WORK/data: data.jsonl (with empty answers) or data_present.jsonl (stage 2)",
+# --- command line ----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    t, part, arch = TrainOptions(), PartOptions(), Arch()
+    p = ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog="Training options (schedule, data) are fixed by a run's first part; --resume reuses them.",
     )
-    p.add_argument("--init-only", action="store_true")
-    p.add_argument("--ship", metavar="DEST", help="copy the trained model to DEST (mlx_paligemma/demo), evaluate, note")
-    p.add_argument("--note", help="a file of extra notes (design iterations) appended to the README")
-    args = p.parse_args(argv)
+    p.add_argument("work_dir", help="the run's directory: init/, checkpoints/, log.txt")
+    p.add_argument("--resume", action="store_true", help="continue from WORK/checkpoints/LATEST (options as saved)")
+    p.add_argument("--force", action="store_true", help="start afresh although WORK holds a run (deletes it)")
+    g = p.add_argument_group("schedule (fixed by the first part)")
+    g.add_argument(
+        "--minutes", type=float, default=t.minutes, help=f"training time in all parts (default {t.minutes:g})"
+    )
+    g.add_argument("--steps", type=int, default=None, help="schedule by steps instead of time (reproducible)")
+    g.add_argument("--batch-size", type=int, default=t.batch_size, help=f"examples per step (default {t.batch_size})")
+    g.add_argument("--lr", type=float, default=t.lr, help=f"peak AdamW learning rate (default {t.lr:g})")
+    g.add_argument(
+        "--min-lr-ratio", type=float, default=t.min_lr_ratio, help="cosine floor as a fraction of --lr (default 0.05)"
+    )
+    g.add_argument("--warmup", type=int, default=t.warmup, help=f"linear warm-up steps (default {t.warmup})")
+    g.add_argument("--weight-decay", type=float, default=t.weight_decay, help="AdamW weight decay (default 0.01)")
+    g.add_argument("--clip", type=float, default=t.clip, help="gradient norm clip (0: off)")
+    g.add_argument(
+        "--loc-smoothing",
+        type=float,
+        default=t.loc_smoothing,
+        help=f"Gaussian label smoothing over neighbouring <loc> bins, sigma in bins (default {t.loc_smoothing:g})",
+    )
+    g.add_argument(
+        "--pad-multiple",
+        type=int,
+        default=t.pad_multiple,
+        help="sequence lengths padded to a multiple of this: each length is one compiled step (default 8)",
+    )
+    g = p.add_argument_group("data (fixed by the first part)")
+    g.add_argument("--seed", type=int, default=t.seed, help="data and initialisation seed (default 0)")
+    g.add_argument(
+        "--mix", default=None, help=f"question mix, TASK=WEIGHT,... (default {t.mix}); may change at --resume"
+    )
+    g.add_argument(
+        "--absent-from",
+        type=float,
+        default=None,
+        help=f"absent-shape questions join the mix after this fraction of the schedule (default {t.absent_from:g});"
+        " may change at --resume",
+    )
+    g.add_argument("--shapes", default=t.shapes, help=f"shape kinds of the scenes (default {t.shapes})")
+    g.add_argument("--colours", default=t.colours, help=f"colours of the scenes (default {t.colours})")
+    g = p.add_argument_group("this part")
+    g.add_argument("--part-minutes", type=float, default=None, help="stop this part after so many minutes (saved)")
+    g.add_argument("--stop-after-steps", type=int, default=None, help="stop this part after so many steps (saved)")
+    g.add_argument("--save-minutes", type=float, default=part.save_minutes, help="snapshot every N minutes (default 5)")
+    g.add_argument(
+        "--eval-minutes",
+        type=float,
+        default=part.eval_minutes,
+        help="learning-curve point every N minutes (default 12)",
+    )
+    g.add_argument(
+        "--eval-images", type=int, default=part.eval_images, help="held-out scenes per curve point (default 60)"
+    )
+    g.add_argument("--no-prefetch", action="store_true", help="draw scenes in the training thread")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("architecture (a new run only; WORK/init keeps it)")
+    for f in fields(Arch):
+        flag = "--" + f.name.replace("_", "-")
+        g.add_argument(
+            flag, type=int, default=getattr(arch, f.name), help=f"{ARCH_HELP[f.name]} (default {getattr(arch, f.name)})"
+        )
+    g.add_argument("--count-parameters", action="store_true", help="print the architecture's parameters and size")
+    g.add_argument(
+        "--measure-speed",
+        action="store_true",
+        help="print the architecture's steady-state training speed (examples/s) and exit (WORK is not used)",
+    )
+    g = p.add_argument_group("shipping")
+    g.add_argument("--ship", metavar="DEST", help="copy the latest snapshot to DEST (mlx_paligemma/demo) and note it")
+    g.add_argument(
+        "--ship-dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default="bfloat16",
+        help="storage of the shipped weights (default bfloat16: half the bytes; computed in float32 on a CPU)",
+    )
+    g.add_argument(
+        "--ship-eval-images", type=int, default=200, help="held-out scenes of the shipped table (default 200)"
+    )
+    return p
 
-    from mlx_paligemma.finetune import STATE_FILE, FinetuneOptions, finetune
 
+def train_options(args: argparse.Namespace) -> TrainOptions:
+    given = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if getattr(args, f.name) is not None}
+    return TrainOptions(**given)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    arch = Arch(**{f.name: getattr(args, f.name) for f in fields(Arch)})
     work = Path(args.work_dir)
-    if args.ship:
-        extra = Path(args.note).read_text() if args.note else ""
-        results = ship(work, Path(args.ship), note_extra=extra)
-        print(json.dumps(results, indent=2))
+
+    def body() -> int:
+        if args.count_parameters:
+            n = parameter_count(arch)
+            print(f"{n:,} parameters: {4 * n / 2**20:.1f} MiB in float32, {2 * n / 2**20:.1f} MiB in 16 bits")
+            return 0
+        if args.measure_speed:
+            opts = train_options(args)
+            print(json.dumps({**asdict(arch), "parameters": parameter_count(arch), **measure_speed(arch, opts)}))
+            return 0
+        if args.ship:
+            results = ship(work, Path(args.ship), args.ship_dtype, args.ship_eval_images)
+            print(json.dumps(results, indent=2))
+            return 0
+        opts = train_options(args)
+        if opts.steps:
+            opts.minutes = None
+        parse_mix(opts.mix)  # errors before anything is built
+        shapes.Vocabulary.parse(opts.shapes, opts.colours)
+        part = PartOptions(
+            part_minutes=args.part_minutes,
+            stop_after_steps=args.stop_after_steps,
+            save_minutes=args.save_minutes,
+            eval_minutes=args.eval_minutes,
+            eval_images=args.eval_images,
+            prefetch=not args.no_prefetch,
+            quiet=args.quiet,
+        )
+        snapshot = latest_snapshot(work)
+        if args.resume:
+            if snapshot is None:
+                raise PaliGemmaError(f"--resume: {work} has no snapshot to resume from")
+            opts = TrainOptions(**json.loads((snapshot / STATE).read_text())["options"])
+            opts.mix = args.mix or opts.mix  # the mix may be adjusted between parts
+            opts.absent_from = opts.absent_from if args.absent_from is None else args.absent_from
+        elif snapshot is not None or (work / "log.txt").exists():
+            if not args.force:
+                raise PaliGemmaError(f"{work}: holds a run; pass --resume to continue it or --force to start afresh")
+            for name in ("init", CHECKPOINTS, "log.txt"):
+                path = work / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if not (work / "init").is_dir():
+            build_init(work / "init", arch, seed=opts.seed)
+        elif not args.resume:
+            print(f"{work}/init exists: training it (its architecture, not the options')", file=sys.stderr)
+        print(f"mix: {describe_mix(parse_mix(opts.mix), opts.absent_from)}", file=sys.stderr)
+        state = train(work, opts, part, resume=args.resume)
+        done = (
+            "done"
+            if (opts.steps and state["step"] >= opts.steps) or (opts.minutes and state["elapsed"] >= opts.minutes * 60)
+            else "resume with --resume"
+        )
+        print(f"{work}: step {state['step']}, {state['elapsed'] / 60:.1f} min, {state['examples']:,} examples ({done})")
         return 0
-    if not (work / "init").is_dir():
-        build_init(work / "init")
-    if args.init_only:
-        return 0
-    train = work / "data" / args.data_file
-    if not train.is_file():
-        print(f"writing {args.images} training scenes to {train.parent}", file=sys.stderr)
-        write_mixed_dataset(train.parent, args.images, seed=1)
-    val = work / "val" / "data.jsonl"
-    if not val.is_file():
-        write_mixed_dataset(val.parent, 200, seed=2)
-    run = work / "run"
-    opts = FinetuneOptions(
-        model=str(work / "init"),
-        data=str(train),
-        val=str(val),
-        out=str(run),
-        full=True,
-        lora_rank=None,
-        train_vision=True,
-        epochs=100,
-        time_budget=args.minutes,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup=args.warmup,
-        weight_decay=0.01,
-        clip=1.0,
-        seed=0,
-        save_every=args.save_every,
-        loc_smoothing=args.loc_smoothing,
-        order_loc_embeddings=True,
-        resume=(run / STATE_FILE).is_file(),
-    )
-    result = finetune(opts, callback=TimedEval(work / "log.txt", args.eval_minutes, args.eval_images))
-    print(f"{result.out}: {result.steps} steps in {result.seconds / 60:.1f} min, loss {result.train_loss:.4f}")
-    return 0
+
+    return run_main(PROG, body)
 
 
 if __name__ == "__main__":
