@@ -45,18 +45,22 @@ def example_plan() -> list[dict]:
 
 
 def run_demo(model, processor) -> list[dict]:
-    """Every (image, prompt) of the plan answered greedily: dicts with image, prompt, answer and boxes
-    (x0, y0, x1, y1 in the image's pixels, for detection prompts)."""
+    """Every (image, prompt) of the plan answered greedily (detect prompts constrained to the answer grammar):
+    dicts with image, prompt, answer and boxes (x0, y0, x1, y1 in the image's pixels, for detection prompts)."""
     from PIL import Image
 
     from ..generation import generate
+    from ..grammar import grammar_processors
     from ..tasks import parse_detections
 
     rows = []
     for item in example_plan():
         path = EXAMPLES_DIR / item["image"]
         image = Image.open(path).convert("RGB")
-        results = generate(model, processor, [image] * len(item["prompts"]), item["prompts"], max_tokens=60)
+        prompts = item["prompts"]
+        # detect prompts constrained to the answer grammar, as `generate` and `mp.detect` do by default
+        grammars = grammar_processors(processor, prompts)
+        results = generate(model, processor, [image] * len(prompts), prompts, max_tokens=60, logits_processors=grammars)
         for prompt, result in zip(item["prompts"], results):
             boxes = parse_detections(result.text, image.size) if prompt.startswith("detect ") else []
             rows.append({"image": item["image"], "prompt": prompt, "answer": result.text.strip(), "boxes": boxes})
