@@ -132,7 +132,7 @@ def step_parts(model, cached: int, steps: int) -> dict[str, float]:
     if attn.softcap is None:
         core = lambda: mx.fast.scaled_dot_product_attention(q, kv, kv, scale=attn.scale)  # noqa: E731
     else:
-        core = lambda: attn._softcapped_attention(q, kv, kv, None)  # noqa: E731
+        core = lambda: attn._matmul_attention(q, kv, kv, None)  # noqa: E731
     mlp = layer.mlp
     kinds = {
         "embed token": (lambda: lm.embed(mx.zeros((1, 1), mx.int32)), 1),

@@ -108,7 +108,7 @@ def _text_ops(model, prompt_tokens: int, repeats: int) -> list[tuple[str, float,
     if attn.softcap is None:
         core = (lambda: mx.fast.scaled_dot_product_attention(q, kv, kv, scale=attn.scale, mask=mask), None)
     else:
-        core = (lambda: _softcapped(attn, q, kv, mask), lambda: attn._softcapped_attention(q, kv, kv, mask))
+        core = (lambda: _softcapped(attn, q, kv, mask), lambda: attn._matmul_attention(q, kv, kv, mask))
     rows = [
         ("embed tokens", lambda: lm.embed(mx.zeros((1, L), mx.int32)), None, 1),
         (f"RMS norms x{norms} (mx.fast.rms_norm)", lambda: layer.input_layernorm(x), None, norms * layers),
@@ -135,7 +135,7 @@ def _text_ops(model, prompt_tokens: int, repeats: int) -> list[tuple[str, float,
 
 def _softcapped(attn, q: mx.array, kv: mx.array, mask: mx.array) -> mx.array:
     with mlx_ops():
-        return attn._softcapped_attention(q, kv, kv, mask)
+        return attn._matmul_attention(q, kv, kv, mask)
 
 
 def _time_rows(rows, repeats: int) -> list[tuple[str, float, float]]:

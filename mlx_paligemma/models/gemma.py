@@ -66,22 +66,26 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if self.softcap is None:
+        # The CPU prefill takes the matmul path for its softmax (fast_math's); decode steps keep the fused op.
+        if self.softcap is None and not (L > 1 and fast_math.use_fast_math(q)):
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         else:
-            out = self._softcapped_attention(q, k, v, mask)
+            out = self._matmul_attention(q, k, v, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    def _softcapped_attention(self, q: mx.array, k: mx.array, v: mx.array, mask: Optional[mx.array]) -> mx.array:
-        """Gemma 2: cap * tanh(scores / cap) before the mask; the fused kernel has no soft-cap."""
+    def _matmul_attention(self, q: mx.array, k: mx.array, v: mx.array, mask: Optional[mx.array]) -> mx.array:
+        """Attention as matmul, softmax, matmul, grouped by KV head: Gemma 2 soft-caps the scores,
+        cap * tanh(scores / cap), before the mask, which the fused kernel cannot do. A masked score
+        becomes float32's lowest value, so its weight is exactly 0, as in the fused kernel."""
         B, _, L, D = q.shape
         repeats = self.n_heads // self.n_kv_heads
         q = (q * self.scale).reshape(B, self.n_kv_heads, repeats, L, D)
         scores = q @ mx.expand_dims(k, 2).swapaxes(-1, -2)
-        scores = fast_math.tanh(scores / self.softcap) * self.softcap
+        if self.softcap is not None:
+            scores = fast_math.tanh(scores / self.softcap) * self.softcap
         if mask is not None:
             scores = mx.where(mx.expand_dims(mask, 2), scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
-        weights = mx.softmax(scores, axis=-1, precise=True)
+        weights = fast_math.softmax(scores, axis=-1)
         return (weights @ mx.expand_dims(v, 2)).reshape(B, self.n_heads, L, D)
 
 

@@ -30,7 +30,10 @@ class Attention(nn.Module):
             proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        if fast_math.use_fast_math(q):  # the CPU: matmul, fast_math's softmax, matmul (no mask in SigLIP)
+            out = fast_math.softmax((q * self.scale) @ k.swapaxes(-1, -2), axis=-1) @ v
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
