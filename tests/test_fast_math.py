@@ -148,4 +148,8 @@ def test_the_gpu_keeps_mlx_ops(monkeypatch, pg2_dir):
     gpu_logits = model(**batch)
     mx.eval(gpu_logits)
     assert calls == []
+    monkeypatch.setattr(accel, "on_gpu", lambda: False)  # a CUDA GPU: no Metal, but not the CPU either
+    monkeypatch.setattr(fast_math, "_default_device_is_cpu", lambda: False)
+    mx.eval(model(**batch))
+    assert calls == []
     np.testing.assert_allclose(np.asarray(cpu_logits), np.asarray(gpu_logits), atol=1e-4)

@@ -19,8 +19,8 @@ range (zeros, denormals, 1e-30..3e38, +-inf, NaN) by tests/test_fast_math.py:
 - `fast_softmax`: <= 1e-6 relative for weights >= FLT_MIN (smaller ones flush to 0); masked
   entries (finfo.min or -inf) get exactly 0, a row of NaN stays NaN. Differentiable.
 
-`gelu_approx`, `tanh` and `softmax` choose: these on the CPU for float32, MLX's own ops on the
-GPU (Metal's are vectorised already) and for other dtypes.
+`gelu_approx`, `tanh` and `softmax` choose (`use_fast_math`): these on the CPU for float32, MLX's
+own ops on a GPU (Metal's and CUDA's are vectorised already) and for other dtypes.
 """
 
 from __future__ import annotations
@@ -185,8 +185,13 @@ def fast_softmax(x: mx.array, axis: int = -1) -> mx.array:
 
 
 def use_fast_math(x: mx.array) -> bool:
-    """The approximations replace MLX's ops on the CPU, for float32 only (on the GPU MLX's are vectorised)."""
-    return x.dtype == mx.float32 and not accel.on_gpu()
+    """The approximations replace MLX's ops where MLX computes on the CPU, for float32 only: on any GPU
+    (Metal, CUDA) MLX's own kernels are vectorised, and half precision would need other polynomials."""
+    return x.dtype == mx.float32 and not accel.on_gpu() and _default_device_is_cpu()
+
+
+def _default_device_is_cpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.cpu
 
 
 def gelu_approx(x: mx.array) -> mx.array:
