@@ -82,9 +82,9 @@ def _vision_ops(model, repeats: int) -> list[tuple[str, float, float]]:
         ("layer norms (mx.fast.layer_norm)", lambda: layer.layer_norm1(x), None, 2 * layers),
         ("q, k, v, out projections", lambda: layer.self_attn.q_proj(x), None, 4 * layers),
         (
-            "attention core (SDPA: QK^T, softmax, @V)",
+            "attention core (QK^T, softmax, @V)",
             lambda: mx.fast.scaled_dot_product_attention(q, q, q, scale=layer.self_attn.scale),
-            None,
+            lambda: layer.self_attn.core(q, q, q),
             layers,
         ),
         ("MLP fc1 + fc2", lambda: layer.mlp.fc2(layer.mlp.fc1(x)), None, layers),
@@ -110,7 +110,10 @@ def _text_ops(model, prompt_tokens: int, repeats: int) -> list[tuple[str, float,
     mx.eval(x, q, kv, heads_out, h, mask)
     norms = 4 if cfg.is_gemma2 else 2
     if attn.softcap is None:
-        core = (lambda: mx.fast.scaled_dot_product_attention(q, kv, kv, scale=attn.scale, mask=mask), None)
+        core = (
+            lambda: mx.fast.scaled_dot_product_attention(q, kv, kv, scale=attn.scale, mask=mask),
+            lambda: attn._matmul_attention(q, kv, kv, mask),
+        )
     else:
         core = (lambda: _softcapped(attn, q, kv, mask), lambda: attn._matmul_attention(q, kv, kv, mask))
     rows = [
@@ -123,7 +126,7 @@ def _text_ops(model, prompt_tokens: int, repeats: int) -> list[tuple[str, float,
             layers,
         ),
         ("RoPE (q, k)", lambda: (attn.rope(q), attn.rope(kv)), None, layers),
-        ("attention core" + (" (soft-capped: tanh, mask, softmax)" if attn.softcap else " (SDPA)"), *core, layers),
+        ("attention core" + (" (soft-capped: tanh, mask, softmax)" if attn.softcap else ""), *core, layers),
         (
             "MLP gate + up + down",
             lambda: layer.mlp.down_proj(layer.mlp.gate_proj(x) * layer.mlp.up_proj(x)),

@@ -30,11 +30,14 @@ class Attention(nn.Module):
             proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        if fast_math.use_fast_math(q):  # the CPU: matmul, fast_math's softmax, matmul (no mask in SigLIP)
-            out = fast_math.softmax((q * self.scale) @ k.swapaxes(-1, -2), axis=-1) @ v
-        else:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = self.core(q, k, v)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def core(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        """softmax(q k^T scale) v, no mask: on the CPU as matmul, fast_math's softmax, matmul; else the fused op."""
+        if fast_math.use_fast_math(q):
+            return fast_math.softmax((q * self.scale) @ k.swapaxes(-1, -2), axis=-1) @ v
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
 
 class MLP(nn.Module):
