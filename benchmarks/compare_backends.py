@@ -3,6 +3,11 @@
     python -m benchmarks.compare_backends --preset mid                       # random weights, no download
     python -m benchmarks.compare_backends --model google/paligemma-3b-mix-224 --image cat.jpg
     python -m benchmarks.compare_backends --preset 3b --runtimes mlx,torch,torch-fp32 --json out.json --chart out.png
+    python -m benchmarks.compare_backends --preset 3b-pg2 --image-size 448 --runtimes mlx,torch-fp32,transformers
+
+Presets (tools/presets.py, random weights): tiny and tiny-pg2 (the tests' PaliGemma 1 and 2), mid, 3b
+(paligemma-3b-pt-224's exact shapes) and 3b-pg2 (paligemma2-3b-pt-224's: Gemma 2 2B, soft-caps, sliding
+window); `--image-size 448|896` gives the -448/-896 models' shapes (1024 / 4096 image tokens).
 
 Runtimes, each in its own process, one after another (clean peak memory, no shared thread pools):
 `mlx` (this package, the device's default dtype), `torch` (the PyTorch reference at its fastest
@@ -32,6 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "compare_backends"
+PRESETS = ("tiny", "tiny-pg2", "mid", "3b", "3b-pg2")  # tools/presets.py (imported lazily: it needs torch)
 RUNTIMES = ("mlx", "torch", "torch-fp32", "mlx-vlm", "transformers")
 OPTIONAL = {"mlx-vlm": "mlx_vlm", "transformers": "transformers"}
 # Probe sizes: "full" is past every cache (GEMV 256 MB, memory read 1 GiB); "small" only checks that the
@@ -494,7 +500,14 @@ def _build_parser():
     p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", help="checkpoint directory or hub id")
-    source.add_argument("--preset", choices=("tiny", "mid", "3b"), help="build a random checkpoint (default: mid)")
+    source.add_argument("--preset", choices=PRESETS, help="build a random checkpoint (default: mid)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        choices=(224, 448, 896),
+        default=None,
+        help="the preset's image size (default 224; tiny presets: 56): 1024 or 4096 image tokens at 448 or 896",
+    )
     p.add_argument("--preset-dtype", default=None, help="dtype of the preset's weights (default: the preset's)")
     p.add_argument("--runtimes", default=",".join(RUNTIMES), help=f"comma-separated, from {', '.join(RUNTIMES)}")
     p.add_argument("--image", help="image file (default: 640x480 noise)")
@@ -537,6 +550,8 @@ def _compare(args: Any, fail: Callable[[str, str], int]) -> int:
         return fail(PROG, f"--runtimes: unknown {', '.join(unknown)} (choose from {', '.join(RUNTIMES)})")
     if args.runs < 1 or args.max_tokens < 1:
         return fail(PROG, "--runs and --max-tokens must be at least 1")
+    if args.image_size and args.model:
+        return fail(PROG, "--image-size sets a preset's shapes: a --model checkpoint has its own")
     if args.chart and importlib.util.find_spec("matplotlib") is None:
         return fail(PROG, "--chart needs matplotlib: pip install -e '.[bench]'")
     skipped = [r for r in runtimes if r in OPTIONAL and importlib.util.find_spec(OPTIONAL[r]) is None]
@@ -553,9 +568,10 @@ def _compare(args: Any, fail: Callable[[str, str], int]) -> int:
 
             preset = args.preset or "mid"
             bar.set_postfix_str(f"building the {preset} preset")
-            model_dir = build_preset(preset, Path(tmp) / preset, dtype=args.preset_dtype)
+            model_dir = build_preset(preset, Path(tmp) / preset, dtype=args.preset_dtype, image_size=args.image_size)
             stored = json.loads((model_dir / "config.json").read_text()).get("torch_dtype", "float32")
-            name = f"preset {preset} (random weights, {stored})"
+            size = f", {args.image_size} px" if args.image_size else ""
+            name = f"preset {preset} (random weights, {stored}{size})"
         bar.update()
         bar.set_postfix_str("memory bandwidth")
         machine = dict(description=machine_description())

@@ -7,6 +7,10 @@ Each part is timed alone, evaluated synchronously, median of `--steps` repetitio
 as `stream_generate` runs it (pipelined), the decoder forward alone, its decoder layers alone, the
 LM head alone, the prefix-LM masks, the sampler, the detokeniser and the host sync. The bound is
 the weights read per token over the fp32 GEMV bandwidth measured here.
+
+Then one decode step op by op (`step_parts`): each op alone on the step's real shapes (one token, a cache
+as long as the prompt), times the layers it runs in, as a share of the forward; what the parts do not
+explain is Python and graph overhead. Parts above 1% of the step are the ones worth work.
 """
 
 # ruff: noqa: I001  (mlx_paligemma is imported before mlx.core on purpose: it preloads the fast BLAS)
@@ -70,7 +74,8 @@ def profile(model_dir: str, steps: int = 16, prompt: str = "caption en") -> dict
     h = mx.random.normal((1, 1, lm.config.hidden_size)).astype(model.dtype)
     mx.eval(h)
     t_head = _median_time(lambda: mx.eval(model.logits(h[:, -1, :])), steps)
-    t_masks = _median_time(lambda: mx.eval(cache.masks(1, None)), steps)
+    one = mx.ones((1, 1), mx.int32)
+    t_masks = _median_time(lambda: mx.eval(cache.masks(one, None)), steps)  # (registers tokens: timed last)
     sampler = make_sampler(temperature=0.0)
     logits = model.logits(h[:, -1, :])
     mx.eval(logits)
@@ -83,6 +88,7 @@ def profile(model_dir: str, steps: int = 16, prompt: str = "caption en") -> dict
     small = mx.array([1], mx.int32)
     t_sync = _median_time(lambda: small.tolist(), steps)
 
+    parts = step_parts(model, cache.offset, steps)
     weight_bytes = sum(v.nbytes for k, v in _flat(model.language_model.parameters()))
     head_bytes = lm.embed_tokens.weight.nbytes
     bw = gemv_bandwidth()
@@ -103,7 +109,48 @@ def profile(model_dir: str, steps: int = 16, prompt: str = "caption en") -> dict
         sync_ms=t_sync * 1e3,
         decode_tps=stats.generation_tps,
         bound_tps=1 / bound,
+        parts=parts,
     )
+
+
+def step_parts(model, cached: int, steps: int) -> dict[str, float]:
+    """ms per decode step of each op kind, all layers together (see the module docstring)."""
+    from mlx_paligemma.models import fast_math
+
+    lm = model.language_model
+    cfg = lm.config
+    layers, layer = cfg.num_hidden_layers, lm.layers[0]
+    attn, dtype = layer.self_attn, model.dtype
+    x = mx.random.normal((1, 1, cfg.hidden_size)).astype(dtype)
+    q = mx.random.normal((1, attn.n_heads, 1, attn.head_dim)).astype(dtype)
+    kv = mx.random.normal((1, attn.n_kv_heads, cached + 1, attn.head_dim)).astype(dtype)
+    heads_out = mx.random.normal((1, 1, attn.n_heads * attn.head_dim)).astype(dtype)
+    h = mx.random.normal((1, 1, cfg.intermediate_size)).astype(dtype)
+    mx.eval(x, q, kv, heads_out, h)
+    norms = 4 if cfg.is_gemma2 else 2
+    if attn.softcap is None:
+        core = lambda: mx.fast.scaled_dot_product_attention(q, kv, kv, scale=attn.scale)  # noqa: E731
+    else:
+        core = lambda: attn._matmul_attention(q, kv, kv, None)  # noqa: E731
+    mlp = layer.mlp
+    kinds = {
+        "embed token": (lambda: lm.embed(mx.zeros((1, 1), mx.int32)), 1),
+        f"RMS norms x{norms} per layer": (lambda: layer.input_layernorm(x), norms * layers),
+        "q, k, v projections": (lambda: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)), layers),
+        "RoPE (q, k)": (lambda: (attn.rope(q, offset=cached), attn.rope(kv[:, :, -1:], offset=cached)), layers),
+        "KV cache append (concatenate)": (lambda: mx.concatenate([kv, kv[:, :, -1:]], axis=2), 2 * layers),
+        "attention core": (core, layers),
+        "o projection": (lambda: attn.o_proj(heads_out), layers),
+        "MLP gate + up + down": (lambda: mlp.down_proj(mlp.gate_proj(x) * mlp.up_proj(x)), layers),
+        "GELU * up": (lambda: fast_math.gelu_approx(h) * h, layers),
+        "residual adds": (lambda: x + x, (4 if cfg.is_gemma2 else 2) * layers),
+        "final norm + LM head": (lambda: model.logits(lm.norm(x[:, -1])), 1),
+    }
+    parts = {name: _median_time(lambda fn=fn: mx.eval(fn()), steps) * 1e3 * n for name, (fn, n) in kinds.items()}
+    parts["(fixed cost of one eval, in each row above once per layer)"] = (
+        _median_time(lambda: mx.eval(x + 0), steps) * 1e3
+    )
+    return parts
 
 
 def _flat(params):
@@ -115,7 +162,7 @@ def _flat(params):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="checkpoint directory")
-    p.add_argument("--preset", choices=["tiny", "mid", "3b"], help="build a random checkpoint instead")
+    p.add_argument("--preset", help="build a random checkpoint instead (tools/presets.py: tiny, mid, 3b-pg2, ...)")
     p.add_argument("--dtype", default=None, help="preset dtype")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--json", action="store_true")
@@ -147,6 +194,15 @@ def main() -> int:
     print(
         f"decode {r['decode_tps']:.2f} tok/s = {r['decode_tps'] / r['bound_tps']:.0%} of the bound {r['bound_tps']:.1f}"
     )
+    print()
+    print("| one step, op by op (each alone, all layers) | ms | share of the forward |")
+    print("| --- | ---: | ---: |")
+    forward = r["forward_ms"]
+    for name, ms in r["parts"].items():
+        flag = " (> 1%)" if ms > 0.01 * forward else ""
+        print(f"| {name} | {ms:.2f} | {ms / forward:.1%}{flag} |")
+    rest = forward - sum(v for k, v in r["parts"].items() if not k.startswith("("))
+    print(f"| not explained by the parts: Python, graph building, scheduling | {rest:.2f} | {rest / forward:.1%} |")
     return 0
 
 

@@ -54,6 +54,37 @@ def test_compare_backends_on_the_tiny_preset(tmp_path):
     assert "| mlx | float32 |" in run.stdout and "| torch | bfloat16 |" in run.stdout  # the markdown table
 
 
+def test_compare_backends_on_the_tiny_paligemma2_preset_at_another_image_size(tmp_path):
+    """PaliGemma 2 (soft-caps, sliding window) through MLX and transformers, both float32, with --image-size:
+    the preset's image tokens follow it (224 px / 14 = 256). (The reference backend runs in the test above.)"""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "benchmarks.compare_backends", "--preset", "tiny-pg2", "--image-size", "224"]
+    cmd += ["--runtimes", "mlx,transformers", "--runs", "1", "--max-tokens", "2", "--probes", "small"]
+    run = subprocess.run(cmd + ["--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    rows = {r["runtime"]: r for r in report["runtimes"]}
+    assert set(rows) == {"mlx", "transformers"} and not any("error" in r for r in rows.values()), rows
+    assert report["parameters"]["image_tokens"] == 256 and "224 px" in report["checkpoint"]
+    for r in rows.values():
+        assert r["dtype"] == "float32" and r["generated"] == 3 and r["prompt_tokens"] >= 256 + 1 + 3
+        assert r["ttft_s"] > 0 and 0 < r["decode_of_bound"]
+    assert {"mlx decode vs transformers", "mlx prefill (time to first token) vs transformers"} <= set(report["ratios"])
+
+
+def test_image_size_is_for_presets_only():
+    cmd = [sys.executable, "-m", "benchmarks.compare_backends", "--model", "x", "--image-size", "448"]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "--image-size" in run.stderr
+
+
+def test_the_benchmark_offers_every_preset():
+    from benchmarks.compare_backends import PRESETS as OFFERED
+    from tools.presets import PRESETS
+
+    assert OFFERED == PRESETS
+
+
 def test_unknown_runtime_is_a_one_line_error():
     cmd = [sys.executable, "-m", "benchmarks.compare_backends", "--runtimes", "mlx,tensorflow"]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)

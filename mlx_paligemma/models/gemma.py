@@ -14,18 +14,34 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import TextConfig
+from . import fast_math
 
 
 class RMSNorm(nn.Module):
-    """Gemma's norm scales by (1 + w): zero-initialised weights mean identity."""
+    """Gemma's norm scales by (1 + w): zero-initialised weights mean identity.
+
+    `weight` stays the checkpoint's w, so every save writes the original format; the scale 1 + w is
+    computed once per weight array, not in every call of every decode step. It is kept outside the
+    module's tree (a plain attribute: not a parameter, not in `state`, never saved or compiled in)
+    together with the array it came from: a new weight (loading, an optimizer step, a dtype change,
+    autodiff's and mx.compile's tracers) is a new array, and the scale is recomputed from it.
+    """
 
     def __init__(self, dims: int, eps: float):
         super().__init__()
         self.weight = mx.zeros((dims,))
         self.eps = eps
 
+    @property
+    def scale(self) -> mx.array:
+        folded = self.__dict__.get("_folded")
+        if folded is None or folded[0] is not self.weight:
+            folded = (self.weight, 1.0 + self.weight)
+            object.__setattr__(self, "_folded", folded)  # bypasses Module's tree on purpose
+        return folded[1]
+
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+        return mx.fast.rms_norm(x, self.scale, self.eps)
 
 
 class Attention(nn.Module):
@@ -50,22 +66,26 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if self.softcap is None:
+        # The CPU prefill takes the matmul path for its softmax (fast_math's); decode steps keep the fused op.
+        if self.softcap is None and not (L > 1 and fast_math.use_fast_math(q)):
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         else:
-            out = self._softcapped_attention(q, k, v, mask)
+            out = self._matmul_attention(q, k, v, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    def _softcapped_attention(self, q: mx.array, k: mx.array, v: mx.array, mask: Optional[mx.array]) -> mx.array:
-        """Gemma 2: cap * tanh(scores / cap) before the mask; the fused kernel has no soft-cap."""
+    def _matmul_attention(self, q: mx.array, k: mx.array, v: mx.array, mask: Optional[mx.array]) -> mx.array:
+        """Attention as matmul, softmax, matmul, grouped by KV head: Gemma 2 soft-caps the scores,
+        cap * tanh(scores / cap), before the mask, which the fused kernel cannot do. A masked score
+        becomes float32's lowest value, so its weight is exactly 0, as in the fused kernel."""
         B, _, L, D = q.shape
         repeats = self.n_heads // self.n_kv_heads
         q = (q * self.scale).reshape(B, self.n_kv_heads, repeats, L, D)
         scores = q @ mx.expand_dims(k, 2).swapaxes(-1, -2)
-        scores = mx.tanh(scores / self.softcap) * self.softcap
+        if self.softcap is not None:
+            scores = fast_math.tanh(scores / self.softcap) * self.softcap
         if mask is not None:
             scores = mx.where(mx.expand_dims(mask, 2), scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
-        weights = mx.softmax(scores, axis=-1, precise=True)
+        weights = fast_math.softmax(scores, axis=-1)
         return (weights @ mx.expand_dims(v, 2)).reshape(B, self.n_heads, L, D)
 
 
@@ -77,7 +97,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(fast_math.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -127,5 +147,5 @@ class LanguageModel(nn.Module):
         logits = lm_head(h) if lm_head is not None else self.embed_tokens.as_linear(h)
         cap = self.config.final_logit_softcapping
         if cap is not None:
-            logits = mx.tanh(logits / cap) * cap
+            logits = fast_math.tanh(logits / cap) * cap
         return logits

@@ -10,6 +10,7 @@ import mlx.nn as nn
 
 from ..checkpoint import patch_conv_layout
 from ..config import VisionConfig
+from . import fast_math
 
 
 class Attention(nn.Module):
@@ -29,8 +30,14 @@ class Attention(nn.Module):
             proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = self.core(q, k, v)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def core(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        """softmax(q k^T scale) v, no mask: on the CPU as matmul, fast_math's softmax, matmul; else the fused op."""
+        if fast_math.use_fast_math(q):
+            return fast_math.softmax((q * self.scale) @ k.swapaxes(-1, -2), axis=-1) @ v
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
 
 class MLP(nn.Module):
@@ -40,7 +47,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu_approx(self.fc1(x)))
+        return self.fc2(fast_math.gelu_approx(self.fc1(x)))
 
 
 class EncoderLayer(nn.Module):
@@ -76,9 +83,16 @@ class Embeddings(nn.Module):
         self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
 
     def __call__(self, pixel_values_nhwc: mx.array) -> mx.array:
-        patches = self.patch_embedding(pixel_values_nhwc)  # (B, H/p, W/p, D), row-major patches
-        patches = patches.reshape(patches.shape[0], -1, patches.shape[-1])
-        return patches + self.position_embedding.weight
+        """The stride-p, p x p convolution as one matmul: cut the image into its (p, p, C) patches, row-major,
+        and multiply by the kernel flattened in the same order (the stored conv weight is left as it is)."""
+        conv = self.patch_embedding
+        p = conv.weight.shape[1]
+        B, H, W, C = pixel_values_nhwc.shape
+        H, W = H - H % p, W - W % p  # the convolution leaves out a partial last row/column of patches
+        patches = pixel_values_nhwc[:, :H, :W].reshape(B, H // p, p, W // p, p, C).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(B, (H // p) * (W // p), p * p * C)
+        kernel = conv.weight.reshape(conv.weight.shape[0], -1)  # (D, p, p, C) -> (D, p*p*C)
+        return mx.addmm(conv.bias, patches, kernel.T) + self.position_embedding.weight
 
 
 class VisionModel(nn.Module):
