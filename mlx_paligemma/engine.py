@@ -28,6 +28,7 @@ import collections
 import hashlib
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -240,10 +241,31 @@ def _on(stream: Any):
     return mx.stream(stream.get() if isinstance(stream, _PerThreadStream) else stream)
 
 
+class WeakModel:
+    """A `model` attribute held by weak reference. The model owns its engine (`engine_for` keeps it on the
+    model, so its vision cache lasts between calls); were the engine and its runner to own the model too,
+    `del model` would leave the weights alive until the next garbage-collection cycle."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}_ref"
+
+    def __get__(self, obj: Any, objtype: Optional[type] = None) -> Any:
+        if obj is None:
+            return self
+        model = obj.__dict__[self.slot]()
+        if model is None:
+            raise PaliGemmaError("this engine's model was deleted")
+        return model
+
+    def __set__(self, obj: Any, model: Any) -> None:
+        obj.__dict__[self.slot] = weakref.ref(model)
+
+
 class MLXRunner:
     """Encode, prefill and step an MLX `Model`; caches join (`extend`) and shrink (`filter`)."""
 
     supports_join = True
+    model = WeakModel()
 
     def __init__(self, model: nn.Module, stream: Any):
         self.model, self.stream = model, stream
@@ -414,6 +436,8 @@ class EngineStats:
 
 class Engine:
     """One model's decode loop. `submit` from any thread; `step` (or `run`) from any thread, serialised."""
+
+    model = WeakModel()
 
     def __init__(self, model: Any, max_batch: int = 32, vision_cache_bytes: Optional[int] = None):
         if max_batch < 1:

@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 
+from ..engine import WeakModel
 from .cache import PrefixLMCache
 from .paligemma import Model
 
@@ -29,6 +30,7 @@ class TorchRunner:
     but not join a running one: the engine admits new rows when the batch is empty."""
 
     supports_join = False
+    model = WeakModel()
 
     def __init__(self, model: Model, stream: Any = None):
         self.model = model
