@@ -292,7 +292,8 @@ def test_cli_run_and_user_errors(pg1_dir, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "wrote" in ok.stderr and (tmp_path / "q8" / "model.safetensors").exists()
     for args, fragment in [
-        (["--bits", "3"], "argument --bits: invalid choice"),
+        (["--bits", "7"], "argument --bits: invalid choice"),
+        (["--bits", "4", "--recipe", "mixed_4_6"], "give one of them"),
         (["--bits", "4", "--group-size", "48"], "argument --group-size: invalid choice"),
         (["--bits", "8", "--out-of-range"], "unrecognized arguments"),
     ]:

@@ -1,0 +1,177 @@
+"""Frozen layers that keep their weights small in memory and compute in float32 on the CPU.
+
+MLX's CPU kernels for quantized and half-precision matrix products are scalar: a 256x2048 by
+2048x4096 product takes ~4 s with `quantized_matmul`, 0.25 s as `dequantize` + a float32 BLAS
+matmul, 0.16 s in float32 (benchmarks/bench_quantized_matmul.py). So on the CPU, products with
+many rows (prefill, training) dequantize (or cast) the weight into a float32 temporary and use the
+BLAS; products with few rows (decode) keep `quantized_matmul`, which wins there (no temporary).
+On the GPU every layer is exactly its MLX parent.
+
+The layers are subclasses with the parents' parameters and no others, swapped in by changing
+the class of a loaded module (`use_cpu_layers`): checkpoints, LoRA wrapping (`LoRALinear` wraps
+them like any `nn.QuantizedLinear`), `tree_flatten` and saving see the same names and arrays.
+
+The float32 weight never outlives its product: the gradient with respect to the input (QLoRA
+and LoRA on a half-precision base need it) recomputes it in the backward pass
+(`mx.custom_function`), instead of letting autodiff keep every layer's float32 copy alive from
+the forward pass to the backward, which would cost the float32 model in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# From about this many rows a dequantize + float32 BLAS product beats `quantized_matmul` on the CPU
+# (4/8 bits, group sizes 32-128; measured crossover between 4 and 16 rows).
+DEQUANTIZE_MIN_ROWS = 8
+# Largest float32 temporary of one product (elements): a 257k-row embedding used as the LM head is
+# dequantized in slices of this size rather than all at once (2.1 GB for the 3B model's).
+CHUNK_ELEMENTS = 2**25
+HALF = (mx.bfloat16, mx.float16)
+
+
+def on_cpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
+def _rows(x: mx.array) -> int:
+    return x.size // max(x.shape[-1], 1)
+
+
+def _sliced_product(x: mx.array, weight_slice: Callable[[int, int], mx.array], out_rows: int, in_dims: int):
+    """`x @ W.T` with W (out_rows, in_dims) made float32 a slice of rows at a time."""
+    step = max(1, CHUNK_ELEMENTS // max(in_dims, 1))
+    parts = [x @ weight_slice(s, min(s + step, out_rows)).T for s in range(0, out_rows, step)]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def _sliced_input_grad(g: mx.array, weight_slice: Callable[[int, int], mx.array], out_rows: int, in_dims: int):
+    """`g @ W` (the input gradient of `x @ W.T`), W made float32 a slice of rows at a time."""
+    step = max(1, CHUNK_ELEMENTS // max(in_dims, 1))
+    total = None
+    for s in range(0, out_rows, step):
+        e = min(s + step, out_rows)
+        part = g[..., s:e] @ weight_slice(s, e)
+        total = part if total is None else total + part
+    return total
+
+
+@functools.cache
+def dequantized_matmul(group_size: int, bits: int, mode: str = "affine") -> Callable:
+    """`f(x, w, scales, biases) = x @ dequantize(w).T` in x's dtype, with the input gradient recomputing
+    the dequantized weight (no gradient flows to the frozen quantized weight)."""
+
+    def weight_slice(w, scales, biases, dtype):
+        def get(s: int, e: int) -> mx.array:
+            b = biases[s:e] if biases is not None else None
+            return mx.dequantize(w[s:e], scales[s:e], b, group_size, bits, mode=mode).astype(dtype)
+
+        return get
+
+    @mx.custom_function
+    def product(x, w, scales, biases):
+        in_dims = w.shape[-1] * 32 // bits
+        return _sliced_product(x, weight_slice(w, scales, biases, x.dtype), w.shape[0], in_dims)
+
+    @product.vjp
+    def product_vjp(primals, cotangent, output):
+        x, w, scales, biases = primals
+        in_dims = w.shape[-1] * 32 // bits
+        dx = _sliced_input_grad(cotangent, weight_slice(w, scales, biases, x.dtype), w.shape[0], in_dims)
+        return dx, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
+
+    return product
+
+
+@mx.custom_function
+def cast_matmul(x: mx.array, weight: mx.array) -> mx.array:
+    """`x @ weight.T` with the (half-precision) weight cast to x's dtype per call; the input gradient
+    casts it again instead of keeping the float32 copy from the forward pass."""
+    return _sliced_product(x, lambda s, e: weight[s:e].astype(x.dtype), *weight.shape)
+
+
+@cast_matmul.vjp
+def _cast_matmul_vjp(primals, cotangent, output):
+    x, weight = primals
+    dx = _sliced_input_grad(cotangent, lambda s, e: weight[s:e].astype(x.dtype), *weight.shape)
+    return dx, mx.zeros_like(weight)
+
+
+def _uses_dequantize(layer: nn.Module, x: mx.array) -> bool:
+    return on_cpu() and layer.mode == "affine" and "biases" in layer and _rows(x) >= DEQUANTIZE_MIN_ROWS
+
+
+class CPUQuantizedLinear(nn.QuantizedLinear):
+    """`nn.QuantizedLinear`; on the CPU, many-row products dequantize into float32 and use the BLAS."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not _uses_dequantize(self, x):
+            return super().__call__(x)
+        y = dequantized_matmul(self.group_size, self.bits, self.mode)(x, self["weight"], self["scales"], self["biases"])
+        if "bias" in self:
+            y = y + self["bias"].astype(y.dtype)
+        return y
+
+
+class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
+    """`nn.QuantizedEmbedding`; used as the (tied) LM head on the CPU with many rows, it is dequantized
+    a slice of the vocabulary at a time into float32 for the BLAS."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if not _uses_dequantize(self, x):
+            return super().as_linear(x)
+        return dequantized_matmul(self.group_size, self.bits, self.mode)(
+            x, self["weight"], self["scales"], self["biases"]
+        )
+
+
+class CastLinear(nn.Linear):
+    """`nn.Linear` whose weight stays half precision in memory; on the CPU a float32 input is multiplied
+    by the weight cast to float32 per call (MLX's CPU bf16/f16 matmuls are scalar)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = self["weight"]
+        if not on_cpu() or w.dtype == x.dtype:
+            return super().__call__(x)
+        y = cast_matmul(x, w)
+        if "bias" in self:
+            y = y + self["bias"].astype(y.dtype)
+        return y
+
+
+class CastEmbedding(nn.Embedding):
+    """`nn.Embedding` with a half-precision table; on the CPU its rows come out float32 and, as the LM
+    head, it is cast a slice of the vocabulary at a time."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = super().__call__(x)
+        return y.astype(mx.float32) if on_cpu() and y.dtype in HALF else y
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        w = self["weight"]
+        if not on_cpu() or w.dtype == x.dtype:
+            return super().as_linear(x)
+        return cast_matmul(x, w)
+
+
+_QUANTIZED_SWAPS = {nn.QuantizedLinear: CPUQuantizedLinear, nn.QuantizedEmbedding: CPUQuantizedEmbedding}
+_HALF_SWAPS = {nn.Linear: CastLinear, nn.Embedding: CastEmbedding}
+
+
+def use_cpu_layers(model: nn.Module, half_weights: bool = False) -> nn.Module:
+    """Give every quantized linear and embedding of `model` its CPU-aware subclass, in place; with
+    `half_weights` (a half-precision base computing in float32) the plain ones too.
+
+    Only the class changes (the parameters and their names stay), so this is invisible to saving,
+    LoRA and `nn.quantize`'s class checks. Returns `model`.
+    """
+    swaps = {**_QUANTIZED_SWAPS, **(_HALF_SWAPS if half_weights else {})}
+    for _, module in model.named_modules():
+        cpu_class = swaps.get(type(module))
+        if cpu_class is not None:
+            module.__class__ = cpu_class
+    return model
