@@ -13,6 +13,13 @@ see the answer's future.
 Gradients are sums over tokens divided by the token count of the whole (global) batch, so
 gradient accumulation and `mx.distributed` data parallelism (run under `mlx.launch`; gradients
 summed with `all_sum`) give the same update as one process on the combined batch.
+
+Memory: the frozen base stays in the checkpoint's dtype (`--dtype` to change it; a 4/8-bit or
+mixed checkpoint trains as QLoRA); on the CPU its layers compute in float32 (`cpu_layers`). LoRA
+parameters and the optimiser state are float32. `--dry-run` prints the estimate (`memory.py`)
+and stops before loading; gradient checkpointing switches itself on when the estimate needs it.
+Each micro-batch is evaluated on its own (the graph never spans the accumulation or the
+validation set), and batches are prepared (decode, resize, tokenise) on a thread ahead of use.
 """
 
 from __future__ import annotations
@@ -22,9 +29,12 @@ import functools
 import json
 import math
 import os
+import queue
 import shutil
 import sys
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -38,8 +48,10 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from PIL import Image
 
-from .checkpoint import resolve_model_dir
+from .checkpoint import open_checkpoint, resolve_model_dir, stored_dtype
 from .cli import ArgumentParser, run_main
+from .config import load_config
+from .dtypes import NAMES
 from .errors import PaliGemmaError, ProcessorError
 from .fsutil import atomic_path, atomic_write_text
 from .models import Model
@@ -97,6 +109,10 @@ class FinetuneOptions:
     order_loc_embeddings: bool = False
     pad_multiple: int = 8
     merge: bool = False
+    merge_dtype: Optional[str] = None
+    dtype: Optional[str] = None
+    dry_run: bool = False
+    image_cache: int = 1024
     force: bool = False
     quiet: bool = False
 
@@ -114,6 +130,14 @@ class FinetuneOptions:
             raise PaliGemmaError("--max-steps: must be at least 1")
         if self.lr <= 0:
             raise PaliGemmaError("--lr: must be positive")
+        for name in ("dtype", "merge_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in NAMES:
+                raise PaliGemmaError(f"--{name.replace('_', '-')}: must be one of {', '.join(NAMES)}, got {value!r}")
+        if self.merge_dtype is not None and not self.merge:
+            raise PaliGemmaError("--merge-dtype: only with --merge")
+        if self.image_cache < 0:
+            raise PaliGemmaError("--image-cache: must be >= 0")
         if self.warmup < 0 or self.save_every < 0 or self.val_every < 0 or self.clip < 0 or self.loc_smoothing < 0:
             raise PaliGemmaError("--warmup, --save-every, --val-every, --clip and --loc-smoothing must be >= 0")
 
@@ -183,14 +207,19 @@ def _image_problem(path: Path) -> Optional[str]:
 
 
 class Batcher:
-    """Examples -> padded numpy batches. Each image is decoded and resized once (kept as uint8),
-    so an epoch costs tokenization and normalisation only."""
+    """Examples -> padded numpy batches. Images are decoded and resized when first used and kept as
+    uint8 in a cache of at most `image_cache` images (least recently used dropped first), so a data
+    set larger than memory streams from disk while a small one is decoded once. Pure numpy and PIL:
+    safe to call on the prefetch thread."""
 
-    def __init__(self, examples: Sequence[Example], processor: Processor, pad_multiple: int = 8):
+    def __init__(
+        self, examples: Sequence[Example], processor: Processor, pad_multiple: int = 8, image_cache: int = 1024
+    ):
         self.examples = list(examples)
         self.processor = processor
         self.pad_multiple = pad_multiple
-        self._pixels: dict[Path, np.ndarray] = {}
+        self.image_cache = image_cache
+        self._pixels: OrderedDict[Path, np.ndarray] = OrderedDict()
         self._tokens: dict[int, tuple[list[int], list[int]]] = {}
 
     def __len__(self) -> int:
@@ -198,13 +227,19 @@ class Batcher:
 
     def pixels_u8(self, path: Path) -> np.ndarray:
         arr = self._pixels.get(path)
-        if arr is None:
-            size = self.processor.image_size
-            try:
-                rgb = to_rgb(load_image(path)).resize((size, size), resample=Image.Resampling.BICUBIC)
-            except ProcessorError as e:
-                raise DataError(str(e)) from None
-            arr = self._pixels[path] = np.asarray(rgb, dtype=np.uint8)
+        if arr is not None:
+            self._pixels.move_to_end(path)
+            return arr
+        size = self.processor.image_size
+        try:
+            rgb = to_rgb(load_image(path)).resize((size, size), resample=Image.Resampling.BICUBIC)
+        except ProcessorError as e:
+            raise DataError(str(e)) from None
+        arr = np.asarray(rgb, dtype=np.uint8)
+        if self.image_cache:
+            self._pixels[path] = arr
+            while len(self._pixels) > self.image_cache:
+                self._pixels.popitem(last=False)
         return arr
 
     def tokens(self, i: int) -> tuple[list[int], list[int]]:
@@ -245,6 +280,56 @@ class Batcher:
 
     def max_length(self) -> int:
         return max(len(self.tokens(i)[0]) for i in range(len(self)))
+
+
+class Prefetcher:
+    """Runs `make(item)` for each item of `items` on a background thread, `depth` ahead of the consumer.
+
+    Only numpy/PIL work belongs there (MLX streams belong to the thread that made them); the
+    consumer turns the numpy arrays into MLX arrays. An exception on the thread is re-raised by
+    the consumer at the item that failed; `close()` stops the thread.
+    """
+
+    _DONE = object()
+
+    def __init__(self, items, make: Callable, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iter(items), make), daemon=True)
+        self._thread.start()
+
+    def _put(self, value) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, items, make) -> None:
+        try:
+            for item in items:
+                if not self._put((item, make(item), None)):
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it
+            self._put((None, None, e))
+            return
+        self._put(self._DONE)
+
+    def __iter__(self):
+        while True:
+            got = self._queue.get()
+            if got is self._DONE:
+                return
+            item, value, error = got
+            if error is not None:
+                raise error
+            yield item, value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 # --- loss ------------------------------------------------------------------------------------------------
@@ -489,12 +574,25 @@ def _copy_source_files(src: Path, dst: Path) -> None:
                 shutil.copyfile(f, tmp)
 
 
-def write_checkpoint(model: Model, out: Path, src_dir: Path) -> None:
+def write_checkpoint(model: Model, out: Path, src_dir: Path, dtype: Optional[str] = None) -> None:
     """The whole model as `model.safetensors` beside the source's config and tokenizer files: a checkpoint
-    that `mp.load` (and the PyTorch backend) reads like any other."""
+    that `mp.load` (and the PyTorch backend) reads like any other. Float tensors are written in `dtype`
+    (default: the source checkpoint's), whatever they were computed in. A model with no quantized layer
+    from a quantized source (`--merge-dtype`) gets the source's config without its quantization entry."""
     out.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or stored_dtype(open_checkpoint(src_dir))
+    quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    if not quantized and load_config(src_dir).quantization:
+        config = json.loads((src_dir / "config.json").read_text())
+        for key in ("quantization", "quantization_config"):
+            config.pop(key, None)
+        config["torch_dtype"] = dtype
+        atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     _copy_source_files(src_dir, out)
-    weights = dict(tree_flatten(model.parameters()))
+    target = getattr(mx, dtype)
+    weights = {
+        k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in tree_flatten(model.parameters())
+    }
     with atomic_path(out / WEIGHTS_FILE, suffix=".safetensors") as tmp:
         mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
 
@@ -503,7 +601,7 @@ def save_weights(model: Model, out: Path, opts: FinetuneOptions, src_dir: Path) 
     """Full fine-tune: a complete checkpoint (`write_checkpoint`). LoRA: the adapters alone
     (`adapters.safetensors` + `adapter_config.json`)."""
     if opts.full:
-        write_checkpoint(model, out, src_dir)
+        write_checkpoint(model, out, src_dir, opts.dtype)
     else:
         from .lora import save_adapters
 
@@ -549,6 +647,73 @@ def _load_training_state(
     return step, elapsed
 
 
+def load_base(src_dir: Path, opts: FinetuneOptions) -> Model:
+    """The model to train. LoRA: the frozen base in `--dtype` (default: the checkpoint's; quantized
+    layers stay quantized), on the CPU computing in float32 with its linear and embedding weights
+    kept in that dtype (`load_model(float32_compute=True)`). Full: every weight in `--dtype`
+    (default float32, what AdamW needs to make small updates)."""
+    from .load import load_model, on_cpu
+
+    if opts.full:
+        if load_config(src_dir).quantization:
+            raise PaliGemmaError(
+                f"--full: {src_dir} is quantized and its weights cannot be trained; use LoRA (QLoRA) or the float "
+                f"checkpoint"
+            )
+        return load_model(src_dir, opts.dtype or "float32")
+    return load_model(src_dir, opts.dtype, float32_compute=on_cpu())
+
+
+def plan(opts: FinetuneOptions, world: int = 1, examples: Optional[list[Example]] = None) -> tuple[Any, int, int]:
+    """(memory estimate of one step, memory available, sequence length) from config.json, the tensor
+    index and the data's token counts: nothing of the weights is read."""
+    from .load import on_cpu
+    from .memory import available_memory, estimate
+
+    src_dir = resolve_model_dir(opts.model)
+    config = load_config(src_dir)
+    processor = Processor.from_dir(src_dir, config)
+    examples = examples if examples is not None else read_jsonl(opts.data)
+    length = Batcher(examples, processor, opts.pad_multiple).max_length()
+    length = -(-length // opts.pad_multiple) * opts.pad_multiple
+    stored = stored_dtype(open_checkpoint(src_dir))
+    dtype = opts.dtype or ("float32" if opts.full else stored)
+    est = estimate(
+        config,
+        mode="full" if opts.full else "lora",
+        dtype=dtype,
+        quantization=config.quantization if not opts.full else None,
+        batch=max(opts.batch_size // world, 1),
+        text_tokens=max(length - config.num_image_tokens, 1),
+        lora_rank=opts.lora_rank or 8,
+        lora_layers=opts.lora_layers,
+        grad_checkpoint=opts.grad_checkpoint,
+        compute_dtype="float32" if on_cpu() else dtype,
+    )
+    return est, available_memory(), length
+
+
+def _choose_grad_checkpoint(
+    opts: FinetuneOptions, world: int, examples: list[Example], say: Callable[[str], None]
+) -> None:
+    """Switch gradient checkpointing on when the estimate without it does not fit (one line says so)."""
+    from dataclasses import replace
+
+    from .memory import GB, fits_line
+
+    est, available, _ = plan(opts, world, examples)
+    if not opts.grad_checkpoint and est.total > available:
+        with_ckpt, _, _ = plan(replace(opts, grad_checkpoint=True), world, examples)
+        opts.grad_checkpoint = True
+        say(
+            f"gradient checkpointing on: the step needs about {est.total / GB:.1f} GB without it, "
+            f"{with_ckpt.total / GB:.1f} GB with it, of {available / GB:.1f} GB"
+        )
+        est = with_ckpt
+    if est.total > available:
+        say(fits_line(est.total, available))
+
+
 def finetune(
     opts: FinetuneOptions,
     callback: Optional[Callable[[int, Model, Processor, dict], None]] = None,
@@ -560,8 +725,6 @@ def finetune(
 
 
 def _train(opts: FinetuneOptions, callback: Optional[Callable], stack: contextlib.ExitStack) -> TrainResult:
-    from .load import load_model
-
     opts.check()
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
@@ -572,10 +735,16 @@ def _train(opts: FinetuneOptions, callback: Optional[Callable], stack: contextli
         raise PaliGemmaError(f"{out}: exists and is not empty (pass --resume to continue, --force to overwrite)")
 
     src_dir = resolve_model_dir(opts.model)
-    model = load_model(src_dir, "float32")
+    train_examples = read_jsonl(opts.data)
+    if rank == 0 and not opts.grad_checkpoint:
+        say = lambda line: print(f"{PROG}: {line}", file=sys.stderr)  # noqa: E731
+        _choose_grad_checkpoint(opts, world, train_examples, say)
+    if world > 1:  # every rank checkpoints alike, as rank 0 decided
+        opts.grad_checkpoint = bool(mx.distributed.all_sum(mx.array(float(opts.grad_checkpoint)), group=group) > 0)
+    model = load_base(src_dir, opts)
     processor = Processor.from_dir(src_dir, model.config)
-    train = Batcher(read_jsonl(opts.data), processor, opts.pad_multiple)
-    val = Batcher(read_jsonl(opts.val), processor, opts.pad_multiple) if opts.val else None
+    train = Batcher(train_examples, processor, opts.pad_multiple, opts.image_cache)
+    val = Batcher(read_jsonl(opts.val), processor, opts.pad_multiple, opts.image_cache) if opts.val else None
     if opts.order_loc_embeddings and not opts.resume:
         order_loc_embeddings(model, processor)
     set_trainable(model, opts)
@@ -631,7 +800,12 @@ def _train(opts: FinetuneOptions, callback: Optional[Callable], stack: contextli
             per = len(idx) // world
             yield idx[rank * per : (rank + 1) * per]
 
+    def all_micro_batches():
+        for step in range(start, total):
+            yield from micro_batches(step)
+
     def evaluate(b: Batcher) -> float:
+        """Each batch is evaluated before the next is built: the graph never spans the validation set."""
         tot, cnt = mx.array(0.0), mx.array(0.0)
         for s in range(0, len(b), max(opts.batch_size // world, 1) * world):
             idx = np.arange(s, min(s + opts.batch_size, len(b)))[rank::world]
@@ -640,6 +814,7 @@ def _train(opts: FinetuneOptions, callback: Optional[Callable], stack: contextli
             nb = b.batch(idx)
             ls, n = loss_sum({k: mx.array(v) for k, v in nb.items()}, b.loss_span(idx, nb["input_ids"].shape[1]))
             tot, cnt = tot + ls, cnt + n
+            mx.eval(tot, cnt)
         if world > 1:
             tot, cnt = mx.distributed.all_sum(tot, group=group), mx.distributed.all_sum(cnt, group=group)
         return float(tot / mx.maximum(cnt, 1))
@@ -654,6 +829,10 @@ def _train(opts: FinetuneOptions, callback: Optional[Callable], stack: contextli
     t0, tokens, last_loss, val_loss = time.perf_counter() - elapsed0, 0, float("nan"), None
     t_start, warm_end = time.perf_counter(), None
     ema, done = None, start
+    # Batches are built (images decoded, tokens padded: numpy only) on a thread, two micro-batches ahead.
+    prefetch = Prefetcher(all_micro_batches(), train.batch, depth=2)
+    stack.callback(prefetch.close)
+    upcoming = iter(prefetch)
     for step in range(start, total):
         if budget is not None:
             # Rank 0's clock decides the learning rate and the end, for every rank alike.
@@ -669,12 +848,14 @@ def _train(opts: FinetuneOptions, callback: Optional[Callable], stack: contextli
                 break
             optimizer.learning_rate = mx.array(_time_lr(opts, step, frac))
         loss_acc, ntok_acc, grads_acc = mx.array(0.0), mx.array(0.0), None
-        for idx in micro_batches(step):
-            nb = train.batch(idx)
+        for _ in range(opts.grad_accum):
+            idx, nb = next(upcoming)
             batch = {k: mx.array(v) for k, v in nb.items()}
             loss, ntok, grads = compiled_grads(batch, train.loss_span(idx, nb["input_ids"].shape[1]))
             grads_acc = grads if grads_acc is None else tree_map(mx.add, grads_acc, grads)
             loss_acc, ntok_acc = loss_acc + loss, ntok_acc + ntok
+            if opts.grad_accum > 1:  # as mlx-lm's trainer: one micro-batch's graph at a time
+                mx.eval(grads_acc, loss_acc, ntok_acc)
             tokens += int(batch["attention_mask"].size)
         if world > 1:
             grads_acc = tree_map(lambda g: mx.distributed.all_sum(g, group=group), grads_acc)
@@ -716,10 +897,12 @@ def _train(opts: FinetuneOptions, callback: Optional[Callable], stack: contextli
         save_weights(model, out, opts, src_dir)
         _save_training_state(out, optimizer, done, opts, time.perf_counter() - t0)
         if opts.merge and not opts.full:
-            from .lora import merge_lora
+            from .lora import dequantize_model, merge_lora
 
-            merge_lora(model)
-            write_checkpoint(model, out / "merged", src_dir)
+            merge_lora(model)  # a quantized base layer is re-quantized with its own settings
+            if opts.merge_dtype is not None:
+                dequantize_model(model)
+            write_checkpoint(model, out / "merged", src_dir, opts.merge_dtype)
     return TrainResult(out, done, last_loss, val_loss, time.perf_counter() - t0, history)
 
 
@@ -760,7 +943,25 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--val-every", type=int, default=d.val_every, help="validation loss every N steps too")
     p.add_argument("--resume", action="store_true", help="continue from the last save in --out")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
-    p.add_argument("--grad-checkpoint", action="store_true", help="recompute layers in backward: less memory")
+    p.add_argument(
+        "--grad-checkpoint",
+        action="store_true",
+        help="recompute layers in backward: less memory (switched on by itself when the estimate needs it)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=NAMES,
+        default=None,
+        help="dtype of the frozen base (default: the checkpoint's; on the CPU it computes in float32 either way). "
+        "--full: of the trained weights (default float32)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the memory estimate and stop (reads no weights)")
+    p.add_argument(
+        "--image-cache",
+        type=int,
+        default=d.image_cache,
+        help="decoded images kept in memory (default 1024; others are decoded again when used)",
+    )
     p.add_argument(
         "--loc-smoothing",
         type=float,
@@ -776,7 +977,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--merge",
         action="store_true",
-        help="LoRA: also write OUT/merged, a standalone checkpoint with the adapters folded in",
+        help="LoRA: also write OUT/merged, a standalone checkpoint with the adapters folded in (in the base's "
+        "dtype; on a quantized base each adapted layer is re-quantized with its own bits)",
+    )
+    p.add_argument(
+        "--merge-dtype",
+        choices=NAMES,
+        default=None,
+        help="with --merge: write OUT/merged as a float checkpoint in this dtype (a quantized base is dequantized)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -788,6 +996,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = FinetuneOptions(**values)
 
     def body() -> int:
+        if opts.dry_run:
+            opts.check()
+            est, available, length = plan(opts, mx.distributed.init().size())
+            what = f"{'full' if opts.full else 'LoRA'} fine-tuning, batch {opts.batch_size}, sequence {length}"
+            print(est.report(available, what))
+            return 0
         result = finetune(opts)
         if mx.distributed.init().rank() == 0:
             val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
