@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))  # run as a script (it re-runs itself as a worker): tools.presets importable
 NEEDED_GB = 13  # bf16 source 5.9 + 8-bit 3.5 + 4-bit 2.2, and room for a temporary copy
 
 
@@ -116,9 +116,8 @@ def main() -> int:
         if free_gb < NEEDED_GB:
             print(f"error: {work} has {free_gb:.0f} GB free; the benchmark needs ~{NEEDED_GB} GB", file=sys.stderr)
             return 2
-        sys.path.insert(0, str(ROOT / "tools"))
         try:
-            from make_tiny_checkpoint import make_paligemma_3b_checkpoint
+            from tools.presets import PALIGEMMA_3B, make_spec_checkpoint
         except ImportError:
             print(
                 "error: the benchmark builds its checkpoint with torch, which is not installed: pip install torch",
@@ -127,7 +126,7 @@ def main() -> int:
             return 2
 
         tic = time.perf_counter()
-        make_paligemma_3b_checkpoint(source, replace=True)
+        make_spec_checkpoint(source, PALIGEMMA_3B, replace=True)
         print(f"built {source} in {time.perf_counter() - tic:.0f}s", file=sys.stderr)
 
     variants = [("bf16 (float)", source, dtype) for dtype in args.float_compute.split(",") if dtype]

@@ -35,11 +35,12 @@ def build_model(args: argparse.Namespace, workdir: Path) -> tuple[str, str]:
     if args.model:
         return args.model, f"--model {args.model}"
     from tools import make_tiny_checkpoint as tiny
+    from tools.presets import build_preset
 
     if args.preset == "tiny":
         path = tiny.make_tiny_checkpoint(workdir / "tiny", version=2, layout="transformers", weight_scale=0.5, seed=7)
         return str(path), "tiny PaliGemma 2 (tools.make_tiny_checkpoint, 56 px, width 64)"
-    return str(tiny.build_preset(args.preset, workdir / args.preset)), f"preset {args.preset}"
+    return str(build_preset(args.preset, workdir / args.preset)), f"preset {args.preset}"
 
 
 def start_server(model: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:

@@ -546,7 +546,7 @@ def _compare(args: Any, fail: Callable[[str, str], int]) -> int:
             bar.set_postfix_str("resolving the checkpoint")
             model_dir, name = Path(resolve_model_dir(args.model)), args.model
         else:
-            from tools.make_tiny_checkpoint import build_preset
+            from tools.presets import build_preset
 
             preset = args.preset or "mid"
             bar.set_postfix_str(f"building the {preset} preset")

@@ -124,7 +124,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from tools.make_tiny_checkpoint import build_preset
+            from tools.presets import build_preset
 
             model = str(build_preset(args.preset or "mid", Path(tmp) / "ckpt", dtype=args.dtype))
         r = profile(model, args.steps)

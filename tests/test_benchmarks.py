@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -17,7 +16,16 @@ import pytest
 
 import mlx_paligemma as mp
 from tests.helpers import noise_image
-from tools.make_tiny_checkpoint import PALIGEMMA_3B, PALIGEMMA_MID, _paligemma_3b_shapes, make_tiny_checkpoint
+from tools.make_tiny_checkpoint import make_tiny_checkpoint, verify_transformers_load
+from tools.presets import (
+    PALIGEMMA2_3B,
+    PALIGEMMA2_10B,
+    PALIGEMMA2_28B,
+    PALIGEMMA_3B,
+    PALIGEMMA_MID,
+    make_spec_checkpoint,
+    spec_shapes,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_MKL = sys.platform == "linux" and platform.machine() == "x86_64"
@@ -53,21 +61,53 @@ def test_unknown_runtime_is_a_one_line_error():
 
 
 def test_preset_shapes():
-    """mid is the issue's shape (385 M decoder parameters); 3b is paligemma-3b-pt-224 (2.92 B in all)."""
-    mid = _paligemma_3b_shapes(224, PALIGEMMA_MID)
+    """mid is the issue's shape (385 M decoder parameters). 3b is paligemma-3b-pt-224: 2.92 B in all (keras-hub's
+    2,923,335,408 counts 257152 embedding rows, the checkpoint pads them to 257216). The PaliGemma 2 sizes
+    have the published parameter counts (3.0 B, 9.7 B, 27.7 B; the model cards round them to 3, 10, 28)."""
+    mid = spec_shapes(PALIGEMMA_MID, 224)
     decoder = sum(math.prod(s) for k, s in mid.items() if k.startswith("language_model."))
     assert round(decoder / 1e6) == 385
     assert mid["vision_tower.vision_model.embeddings.position_embedding.weight"] == (256, 768)
-    full = _paligemma_3b_shapes(224, PALIGEMMA_3B)
-    assert round(sum(math.prod(s) for s in full.values()) / 1e7) == 292
+    full = spec_shapes(PALIGEMMA_3B, 224)
+    assert sum(math.prod(s) for s in full.values()) == 2_923_335_408 + 64 * 2048
+    assert spec_shapes(PALIGEMMA_3B, 448)["vision_tower.vision_model.embeddings.position_embedding.weight"] == (
+        1024,
+        1152,
+    )
+    billions = {
+        name: round(sum(math.prod(s) for s in spec_shapes(spec, 224).values()) / 1e8) / 10
+        for name, spec in (("3b", PALIGEMMA2_3B), ("10b", PALIGEMMA2_10B), ("28b", PALIGEMMA2_28B))
+    }
+    assert billions == {"3b": 3.0, "10b": 9.7, "28b": 27.7}, billions
 
 
-def test_preset_cli_runs_as_a_script(tmp_path):
-    """`--preset 3b` used to raise NameError: the __main__ guard sat above the function it dispatches to."""
+@pytest.mark.parametrize("spec", [PALIGEMMA_3B, PALIGEMMA2_28B], ids=["gemma", "gemma2"])
+def test_preset_writer_makes_checkpoints_both_loaders_read(tmp_path, spec):
+    """The presets' writer, on a spec shrunk to test size (its model type and Gemma 2 fields kept): transformers
+    loads every stored tensor unchanged, and this package's loader builds the same decoder kind from it."""
+    small = dict(
+        spec,
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=14),
+        text=dict(spec["text"], hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4),
+    )
+    small["text"].update(num_key_value_heads=2, head_dim=16, vocab_size=1344)
+    if spec["text"]["model_type"] == "gemma2":
+        small["text"].update(query_pre_attn_scalar=12, sliding_window=8)
+    out = make_spec_checkpoint(tmp_path / "ckpt", small, dtype="float32", image_size=56)
+    verify_transformers_load(out)
+    model, _ = mp.load(out)
+    text = model.config.text_config
+    assert text.model_type == spec["text"]["model_type"] and text.num_hidden_layers == 3
+    if text.is_gemma2:
+        assert (text.query_pre_attn_scalar, text.sliding_window, text.final_logit_softcapping) == (12, 8, 30.0)
+
+
+def test_preset_cli_refuses_a_non_empty_folder(tmp_path):
+    """One line and exit 2, and the user's file is still there."""
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("mine")
-    cmd = [sys.executable, str(ROOT / "tools" / "make_tiny_checkpoint.py"), str(tmp_path / "full"), "--preset", "3b"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    cmd = [sys.executable, "-m", "tools.presets", "3b", str(tmp_path / "full")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 2 and "exists and is not empty" in run.stderr and "Traceback" not in run.stderr
     assert (tmp_path / "full" / "x").read_text() == "mine"
 

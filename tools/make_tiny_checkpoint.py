@@ -8,7 +8,8 @@ appended to the sentencepiece vocabulary, `<image>` just outside it, vocabulary 
 Usable as a module (`make_tiny_checkpoint`, `verify_processor`, `verify_transformers_load`) and as a CLI:
 
     python tools/make_tiny_checkpoint.py OUT_DIR [--version 2] [--layout transformers] [--verify]
-    python tools/make_tiny_checkpoint.py OUT_DIR --preset mid|3b [--dtype bfloat16]   # benchmark sizes
+
+Benchmark sizes (mid, 3b, 3b-pg2, ...) are built by `python -m tools.presets`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ import io
 import json
 import math
 import random
-import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 
 try:
@@ -760,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", type=int, choices=(1, 2), default=1)
     parser.add_argument("--layout", choices=LAYOUTS, default="hub")
     parser.add_argument("--shards", type=int, default=1)
-    parser.add_argument("--image-size", type=int, default=None, help="56 (224 for --preset mid and 3b)")
+    parser.add_argument("--image-size", type=int, default=None, help="56")
     parser.add_argument("--sliding-window", type=int, default=None)
     sparse = parser.add_mutually_exclusive_group()
     sparse.add_argument(
@@ -776,21 +775,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="config.json as transformers 5 writes it (default for version 2)",
     )
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="float32 (bfloat16 for --preset 3b)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weight-scale", type=float, default=1.0)
     parser.add_argument("--verify", action="store_true", help="check the processor and transformers loading")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
-    parser.add_argument(
-        "--preset",
-        choices=PRESETS,
-        help="tiny: the default tiny checkpoint; mid: SigLIP-B 224 px + Gemma 1024 x 8 with the real vocabulary "
-        "(1.9 GB in float32); 3b: the exact paligemma-3b-pt-224 shapes (5.9 GB in bf16). Random weights; for mid "
-        "and 3b only --dtype, --seed, --image-size, --force apply",
-    )
     args = parser.parse_args(argv)
-    if args.preset in PRESET_SPECS:
-        return _main_preset(args)
     args.dtype, args.image_size = args.dtype or "float32", args.image_size or 56
 
     start = time.perf_counter()
@@ -831,271 +821,6 @@ def main(argv: list[str] | None = None) -> int:
             f"verified: processor tokenization matches sentencepiece; transformers loads every tensor "
             f"(loading info {info})"
         )
-    return 0
-
-
-# --- full-size preset (benchmarks) -------------------------------------------------------------------------
-
-PALIGEMMA_3B = dict(
-    name="paligemma-3b-pt-224",
-    vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=14),
-    text=dict(
-        hidden_size=2048,
-        intermediate_size=16384,
-        num_hidden_layers=18,
-        num_attention_heads=8,
-        num_key_value_heads=1,
-        head_dim=256,
-        vocab_size=257216,
-    ),
-    image_token_index=257152,  # the real model's; the random checkpoints use their tokenizer's instead
-)
-# The issue-9 benchmark's mid size: a SigLIP-B-sized tower at 224 px (256 image tokens) and a narrow Gemma 1
-# decoder (width 1024, 8 layers, multi-query attention as in the 3B) with the real 257216-entry vocabulary, so
-# the LM head costs what it really does: 385 M decoder parameters, 470 M in all (1.9 GB in float32).
-PALIGEMMA_MID = dict(
-    name="mid (SigLIP-B/14 224 px + Gemma 1024 x 8)",
-    vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=14),
-    text=dict(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=256,
-        vocab_size=257216,
-    ),
-    image_token_index=257152,
-)
-
-
-def _paligemma_3b_shapes(image_size: int, spec: dict = PALIGEMMA_3B) -> dict[str, tuple[int, ...]]:
-    """Every tensor of google/paligemma-3b-pt-224 (hub layout, or those of another `spec`), by name."""
-    v, t = spec["vision"], spec["text"]
-    d, p = v["hidden_size"], v["patch_size"]
-    shapes = {
-        "vision_tower.vision_model.embeddings.patch_embedding.weight": (d, 3, p, p),
-        "vision_tower.vision_model.embeddings.patch_embedding.bias": (d,),
-        "vision_tower.vision_model.embeddings.position_embedding.weight": ((image_size // p) ** 2, d),
-        "vision_tower.vision_model.post_layernorm.weight": (d,),
-        "vision_tower.vision_model.post_layernorm.bias": (d,),
-        "multi_modal_projector.linear.weight": (t["hidden_size"], d),
-        "multi_modal_projector.linear.bias": (t["hidden_size"],),
-        "language_model.model.embed_tokens.weight": (t["vocab_size"], t["hidden_size"]),
-        "language_model.model.norm.weight": (t["hidden_size"],),
-    }
-    for i in range(v["num_hidden_layers"]):
-        pre = f"vision_tower.vision_model.encoder.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes[f"{pre}self_attn.{proj}.weight"], shapes[f"{pre}self_attn.{proj}.bias"] = (d, d), (d,)
-        shapes[f"{pre}mlp.fc1.weight"], shapes[f"{pre}mlp.fc1.bias"] = (
-            (v["intermediate_size"], d),
-            (v["intermediate_size"],),
-        )
-        shapes[f"{pre}mlp.fc2.weight"], shapes[f"{pre}mlp.fc2.bias"] = (d, v["intermediate_size"]), (d,)
-        for norm in ("layer_norm1", "layer_norm2"):
-            shapes[f"{pre}{norm}.weight"], shapes[f"{pre}{norm}.bias"] = (d,), (d,)
-    h, q, kv = t["hidden_size"], t["num_attention_heads"] * t["head_dim"], t["num_key_value_heads"] * t["head_dim"]
-    for i in range(t["num_hidden_layers"]):
-        pre = f"language_model.model.layers.{i}."
-        shapes.update(
-            {
-                f"{pre}self_attn.q_proj.weight": (q, h),
-                f"{pre}self_attn.k_proj.weight": (kv, h),
-                f"{pre}self_attn.v_proj.weight": (kv, h),
-                f"{pre}self_attn.o_proj.weight": (h, q),
-                f"{pre}mlp.gate_proj.weight": (t["intermediate_size"], h),
-                f"{pre}mlp.up_proj.weight": (t["intermediate_size"], h),
-                f"{pre}mlp.down_proj.weight": (h, t["intermediate_size"]),
-                f"{pre}input_layernorm.weight": (h,),
-                f"{pre}post_attention_layernorm.weight": (h,),
-            }
-        )
-    return shapes
-
-
-def make_paligemma_3b_checkpoint(
-    out_dir,
-    dtype: str = "bfloat16",
-    seed: int = 0,
-    image_size: int = 224,
-    *,
-    shard_bytes: int = 2 * 1024**3,
-    replace: bool = False,
-    spec: dict = PALIGEMMA_3B,
-) -> Path:
-    """A random checkpoint with the exact shapes of google/paligemma-3b-pt-224, for benchmarks.
-
-    Written tensor by tensor into shards of at most `shard_bytes`, so memory stays at about one
-    shard (the full model is ~5.9 GB in bf16), in a sibling temp dir renamed into place at the
-    end (an interrupted build leaves nothing to mistake for a checkpoint). The tiny tokenizer is
-    reused: ids past its vocabulary are unused embedding rows, and `image_token_index` is the tiny
-    tokenizer's `<image>` id (not the real 257152), so transformers' and mlx-vlm's processors, which
-    take it from the tokenizer, agree with ours, which takes it from config.json.
-    """
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()) and not replace:
-        raise FileExistsError(f"{out_dir} exists and is not empty")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:12]}.tmp"
-    tmp.mkdir()
-    try:
-        _write_paligemma_3b(tmp, dtype, seed, image_size, shard_bytes, spec)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def _write_paligemma_3b(
-    out_dir: Path, dtype: str, seed: int, image_size: int, shard_bytes: int, spec: dict = PALIGEMMA_3B
-) -> None:
-    from safetensors.torch import save_file
-
-    generator = torch.Generator().manual_seed(seed)
-    shapes = _paligemma_3b_shapes(image_size, spec)
-    image_token_index = write_processor_files(out_dir, image_size, (image_size // spec["vision"]["patch_size"]) ** 2)
-
-    def random_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if len(shape) == 1:  # SigLIP LayerNorm weights around 1; biases and Gemma's (1 + w) norms around 0
-            is_layer_norm = name.startswith("vision_tower.") and "norm" in name and name.endswith(".weight")
-            mean = 1.0 if is_layer_norm else 0.0
-            return (torch.randn(shape, generator=generator) * 0.1 + mean).to(DTYPES[dtype])
-        fan_in = math.prod(shape[1:])
-        return (torch.randn(shape, generator=generator) / math.sqrt(fan_in)).to(DTYPES[dtype])
-
-    shards: list[list[str]] = [[]]
-    size = 0
-    itemsize = torch.finfo(DTYPES[dtype]).bits // 8
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * itemsize
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    weight_map = {}
-    for index, names in enumerate(shards):
-        file_name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(
-            {name: random_tensor(name, shapes[name]) for name in names}, out_dir / file_name, metadata={"format": "pt"}
-        )
-        weight_map.update(dict.fromkeys(names, file_name))
-    total = sum(math.prod(s) for s in shapes.values()) * itemsize
-    _write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    v, t = spec["vision"], spec["text"]
-    num_image_tokens = (image_size // v["patch_size"]) ** 2
-    _write_json(
-        out_dir / "config.json",
-        {
-            "architectures": ["PaliGemmaForConditionalGeneration"],
-            "bos_token_id": BOS_ID,
-            "eos_token_id": EOS_ID,
-            "hidden_size": t["hidden_size"],
-            "ignore_index": -100,
-            "image_token_index": image_token_index,
-            "model_type": "paligemma",
-            "pad_token_id": PAD_ID,
-            "projection_dim": t["hidden_size"],
-            "text_config": {
-                **({"head_dim": t["head_dim"]} if t["head_dim"] != 256 else {}),  # 256: Gemma's default
-                "hidden_size": t["hidden_size"],
-                "intermediate_size": t["intermediate_size"],
-                "model_type": "gemma",
-                "num_attention_heads": t["num_attention_heads"],
-                "num_hidden_layers": t["num_hidden_layers"],
-                "num_image_tokens": num_image_tokens,
-                "num_key_value_heads": t["num_key_value_heads"],
-                "torch_dtype": dtype,
-                "vocab_size": t["vocab_size"],
-            },
-            "torch_dtype": dtype,
-            "transformers_version": "4.41.0.dev0",
-            "vision_config": {
-                **{
-                    k: v[k]
-                    for k in (
-                        "hidden_size",
-                        "intermediate_size",
-                        "num_attention_heads",
-                        "num_hidden_layers",
-                        "patch_size",
-                    )
-                },
-                "image_size": image_size,
-                "model_type": "siglip_vision_model",
-                "num_image_tokens": num_image_tokens,
-                "projection_dim": t["hidden_size"],
-                "projector_hidden_act": "gelu_fast",
-                "vision_use_head": False,
-            },
-        },
-    )
-
-
-PRESETS = ("tiny", "mid", "3b")
-PRESET_SPECS = {"mid": PALIGEMMA_MID, "3b": PALIGEMMA_3B}
-PRESET_DTYPES = {"tiny": "float32", "mid": "float32", "3b": "bfloat16"}
-
-
-def build_preset(
-    name: str, out_dir, dtype: str | None = None, seed: int = 0, *, image_size: int | None = None, replace: bool = False
-) -> Path:
-    """A random checkpoint of a named size, for benchmarks: "tiny" (the tests' PaliGemma 1, a few hundred kB),
-    "mid" (`PALIGEMMA_MID`, 1.9 GB in float32) or "3b" (paligemma-3b-pt-224's exact shapes, 5.9 GB in bf16).
-
-    mid and 3b are written tensor by tensor (seconds, memory about one shard). Default dtypes: float32,
-    float32, bfloat16 (as the real 3B ships). Returns the absolute path.
-    """
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
-    dtype = dtype or PRESET_DTYPES[name]
-    if name == "tiny":
-        options = _resolve_options(
-            version=1,
-            layout="hub",
-            shards=1,
-            image_size=image_size or 56,
-            sliding_window=None,
-            sparse_config=None,
-            dtype=dtype,
-            seed=seed,
-            weight_scale=1.0,
-        )
-        return _build_atomically(Path(out_dir), replace, options)
-    return make_paligemma_3b_checkpoint(
-        out_dir, dtype=dtype, seed=seed, image_size=image_size or 224, replace=replace, spec=PRESET_SPECS[name]
-    )
-
-
-def _main_preset(args: argparse.Namespace) -> int:
-    """`--preset mid|3b` of the CLI (main() dispatches here)."""
-    start = time.perf_counter()
-    dtype = args.dtype or PRESET_DTYPES[args.preset]
-    try:
-        out_dir = build_preset(
-            args.preset, args.out_dir, dtype=dtype, seed=args.seed, image_size=args.image_size, replace=args.force
-        )
-    except FileExistsError as error:
-        hint = " (use --force to replace it)" if args.out_dir.is_dir() else ""
-        print(f"error: {error}{hint}", file=sys.stderr)
-        return 2
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors")) / 1e9
-    print(out_dir)
-    print(
-        f"{PRESET_SPECS[args.preset]['name']} shapes, random weights, {dtype}, {size:.2f} GB, "
-        f"seed {args.seed}, built in {time.perf_counter() - start:.0f}s"
-    )
     return 0
 
 
