@@ -28,9 +28,10 @@ import mlx.nn as nn
 # From about this many rows a dequantize + float32 BLAS product beats `quantized_matmul` on the CPU
 # (4/8 bits, group sizes 32-128; measured crossover between 4 and 16 rows).
 DEQUANTIZE_MIN_ROWS = 8
-# Largest float32 temporary of one product (elements): a 257k-row embedding used as the LM head is
-# dequantized in slices of this size rather than all at once (2.1 GB for the 3B model's).
-CHUNK_ELEMENTS = 2**25
+# Largest float32 temporary of one product (elements, 32 MB): a 257k-row embedding used as the LM head is
+# dequantized in slices of this size rather than all at once (2.1 GB for the 3B model's); MLX keeps
+# about four slices in flight (measured), so this bounds the temporary to ~130 MB.
+CHUNK_ELEMENTS = 2**23
 HALF = (mx.bfloat16, mx.float16)
 
 
@@ -42,20 +43,32 @@ def _rows(x: mx.array) -> int:
     return x.size // max(x.shape[-1], 1)
 
 
-def _sliced_product(x: mx.array, weight_slice: Callable[[int, int], mx.array], out_rows: int, in_dims: int):
-    """`x @ W.T` with W (out_rows, in_dims) made float32 a slice of rows at a time."""
+# How a weight slice is made float32: (first row, end row, the array it must wait for) -> float32 rows.
+WeightSlice = Callable[[int, int, mx.array], mx.array]
+
+
+def _sliced_product(x: mx.array, weight_slice: WeightSlice, out_rows: int, in_dims: int) -> mx.array:
+    """`x @ W.T` with W (out_rows, in_dims) made float32 a slice of rows at a time.
+
+    Each slice waits (`mx.depends`) for the input, then for the previous slice's product: MLX
+    evaluates independent nodes breadth first (up to MLX_BFS_MAX_WIDTH at once), which would
+    otherwise dequantize every slice, and every layer's weight, before the first product.
+    """
     step = max(1, CHUNK_ELEMENTS // max(in_dims, 1))
-    parts = [x @ weight_slice(s, min(s + step, out_rows)).T for s in range(0, out_rows, step)]
+    parts, after = [], x
+    for s in range(0, out_rows, step):
+        parts.append(x @ weight_slice(s, min(s + step, out_rows), after).T)
+        after = parts[-1]
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
 
-def _sliced_input_grad(g: mx.array, weight_slice: Callable[[int, int], mx.array], out_rows: int, in_dims: int):
-    """`g @ W` (the input gradient of `x @ W.T`), W made float32 a slice of rows at a time."""
+def _sliced_input_grad(g: mx.array, weight_slice: WeightSlice, out_rows: int, in_dims: int) -> mx.array:
+    """`g @ W` (the input gradient of `x @ W.T`), W made float32 a slice of rows at a time, in order."""
     step = max(1, CHUNK_ELEMENTS // max(in_dims, 1))
     total = None
     for s in range(0, out_rows, step):
         e = min(s + step, out_rows)
-        part = g[..., s:e] @ weight_slice(s, e)
+        part = g[..., s:e] @ weight_slice(s, e, g if total is None else total)
         total = part if total is None else total + part
     return total
 
@@ -66,9 +79,9 @@ def dequantized_matmul(group_size: int, bits: int, mode: str = "affine") -> Call
     the dequantized weight (no gradient flows to the frozen quantized weight)."""
 
     def weight_slice(w, scales, biases, dtype):
-        def get(s: int, e: int) -> mx.array:
-            b = biases[s:e] if biases is not None else None
-            return mx.dequantize(w[s:e], scales[s:e], b, group_size, bits, mode=mode).astype(dtype)
+        def get(s: int, e: int, after: mx.array) -> mx.array:
+            ws, ss, bs = mx.depends([w[s:e], scales[s:e], biases[s:e]], after)
+            return mx.dequantize(ws, ss, bs, group_size, bits, mode=mode).astype(dtype)
 
         return get
 
@@ -87,17 +100,21 @@ def dequantized_matmul(group_size: int, bits: int, mode: str = "affine") -> Call
     return product
 
 
+def _cast_slice(weight: mx.array, dtype: mx.Dtype) -> WeightSlice:
+    return lambda s, e, after: mx.depends(weight[s:e], after).astype(dtype)
+
+
 @mx.custom_function
 def cast_matmul(x: mx.array, weight: mx.array) -> mx.array:
     """`x @ weight.T` with the (half-precision) weight cast to x's dtype per call; the input gradient
     casts it again instead of keeping the float32 copy from the forward pass."""
-    return _sliced_product(x, lambda s, e: weight[s:e].astype(x.dtype), *weight.shape)
+    return _sliced_product(x, _cast_slice(weight, x.dtype), *weight.shape)
 
 
 @cast_matmul.vjp
 def _cast_matmul_vjp(primals, cotangent, output):
     x, weight = primals
-    dx = _sliced_input_grad(cotangent, lambda s, e: weight[s:e].astype(x.dtype), *weight.shape)
+    dx = _sliced_input_grad(cotangent, _cast_slice(weight, x.dtype), *weight.shape)
     return dx, mx.zeros_like(weight)
 
 

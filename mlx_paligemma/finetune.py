@@ -899,9 +899,9 @@ def _train(opts: FinetuneOptions, callback: Optional[Callable], stack: contextli
         if opts.merge and not opts.full:
             from .lora import dequantize_model, merge_lora
 
-            merge_lora(model)  # a quantized base layer is re-quantized with its own settings
-            if opts.merge_dtype is not None:
+            if opts.merge_dtype is not None:  # a float checkpoint: dequantize first, fuse in float
                 dequantize_model(model)
+            merge_lora(model)  # else a quantized base layer is re-quantized with its own settings
             write_checkpoint(model, out / "merged", src_dir, opts.merge_dtype)
     return TrainResult(out, done, last_loss, val_loss, time.perf_counter() - t0, history)
 

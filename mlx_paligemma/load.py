@@ -114,9 +114,22 @@ def load_model(
     del weights
     use_cpu_layers(model, half_weights=bool(kept))
     if not lazy:
-        mx.eval(model.parameters())
+        _eval_in_batches(model)
     model.eval()
     return model
+
+
+def _eval_in_batches(model: Model, elements: int = 2**25) -> None:
+    """Read (and cast) the weights a few tensors at a time: a float32 checkpoint loaded in bf16 then
+    holds the bf16 model plus one batch of float32 tensors, not both whole models at once."""
+    batch, count = [], 0
+    for _, array in tree_flatten(model.parameters()):
+        batch.append(array)
+        count += array.size
+        if count >= elements:
+            mx.eval(batch)
+            batch, count = [], 0
+    mx.eval(batch)
 
 
 def _half_weight_keys(model: Model) -> set[str]:

@@ -219,3 +219,27 @@ def _decoder_and_head_shapes(config: PaliGemmaConfig):
     from .models import Model
 
     return [(k, a) for k, a in tree_flatten(Model(config).parameters()) if not k.startswith("vision_tower.")]
+
+
+def estimate_generate(
+    model_dir, dtype: Optional[str] = None, batch: int = 1, text_tokens: int = 32, max_tokens: int = 100
+) -> MemoryEstimate:
+    """`mlx-paligemma generate --dry-run`: generation from a checkpoint folder, as `load()` would hold it
+    (float32 on the CPU unless `dtype`, else the checkpoint's dtype), from config.json and the tensor
+    index only."""
+    from .checkpoint import open_checkpoint, stored_dtype
+    from .config import load_config
+
+    config = load_config(model_dir)
+    if dtype is None:
+        dtype = stored_dtype(open_checkpoint(model_dir)) if _on_gpu() else "float32"
+    return estimate(
+        config,
+        mode="generate",
+        dtype=dtype,
+        quantization=config.quantization,
+        batch=batch,
+        text_tokens=text_tokens,
+        max_tokens=max_tokens,
+        compute_dtype=dtype,
+    )

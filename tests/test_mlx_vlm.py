@@ -27,6 +27,7 @@ import io
 import json
 from pathlib import Path
 
+import mlx.nn as nn
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -117,8 +118,8 @@ def test_mlx_vlm_conversion_loads_and_matches_mlx_vlm(source, tmp_path, bits, ca
     assert np.abs(a_same_eps - b).max() <= TOL_SAME_EPS
     if bits is not None:
         assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == bits
-        assert type(ours.language_model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
-        assert type(ours.language_model.embed_tokens).__name__ == "QuantizedEmbedding"
+        assert isinstance(ours.language_model.layers[0].mlp.down_proj, nn.QuantizedLinear)
+        assert isinstance(ours.language_model.embed_tokens, nn.QuantizedEmbedding)
 
 
 def test_mlx_vlm_tokenizer_json_tokenizes_like_the_source_sentencepiece(source, tmp_path):
