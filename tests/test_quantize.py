@@ -308,3 +308,33 @@ def test_cli_run_and_user_errors(pg1_dir, tmp_path):
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and fragment in lines[0] and "Traceback" not in out.stderr
     assert not (pg1_dir / "sub").exists()
+
+
+def test_mixed_recipe_writes_per_layer_bits_that_load_and_run(pg2_dir, tmp_path):
+    """mixed_4_6 on the 4-layer PaliGemma 2: 6 bits for the embedding and for v_proj/down_proj of the
+    last layer (index >= 7*4//8 = 3) and of layer 2 ((2 - 0) % 3 == 2), 4 bits elsewhere; each layer's
+    dequantized weights are within one of its own quantization steps of the float weights (the bound of
+    test_dequantized_weights_are_within_one_step)."""
+    out = quantize(pg2_dir, tmp_path / "mixed", recipe="mixed_4_6", group_size=GROUP, progress=quiet)
+    quantization = json.loads((out / "config.json").read_text())["quantization"]
+    assert quantization["bits"] == 4 and quantization["group_size"] == GROUP
+    high = {"language_model.embed_tokens"} | {
+        f"language_model.layers.{i}.{part}" for i in (2, 3) for part in ("self_attn.v_proj", "mlp.down_proj")
+    }
+    per_layer = {k: v["bits"] for k, v in quantization.items() if isinstance(v, dict)}
+    assert {k for k, bits in per_layer.items() if bits == 6} == high
+    assert {bits for k, bits in per_layer.items() if k not in high} == {4}
+
+    model, processor = mp.load(out)
+    reference = load_model(pg2_dir, "float32")
+    for path, bits in per_layer.items():
+        layer, float_layer = model, reference
+        for part in path.split("."):
+            layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
+            float_layer = float_layer[int(part)] if part.isdigit() else getattr(float_layer, part)
+        assert layer.bits == bits, path
+        w = mx.dequantize(layer.weight, layer.scales, layer.biases, GROUP, bits)
+        step = mx.repeat(mx.abs(layer.scales), GROUP, axis=-1)
+        assert bool(mx.all(mx.abs(w - float_layer.weight) <= step + 1e-6)), path
+    result = mp.generate(model, processor, noise_image(30, 30), "caption en", max_tokens=3)
+    assert 1 <= len(result.token_ids) <= 3
