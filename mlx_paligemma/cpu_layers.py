@@ -28,10 +28,11 @@ import mlx.nn as nn
 # From about this many rows a dequantize + float32 BLAS product beats `quantized_matmul` on the CPU
 # (4/8 bits, group sizes 32-128; measured crossover between 4 and 16 rows).
 DEQUANTIZE_MIN_ROWS = 8
-# Largest float32 temporary of one product (elements, 32 MB): a 257k-row embedding used as the LM head is
-# dequantized in slices of this size rather than all at once (2.1 GB for the 3B model's); MLX keeps
-# about four slices in flight (measured), so this bounds the temporary to ~130 MB.
-CHUNK_ELEMENTS = 2**23
+# Rows of a weight made float32 at a time (in elements: 8 MB of float32). A 257k-row embedding used as
+# the LM head is dequantized in slices rather than at once (2.1 GB for the 3B model's); MLX's CPU
+# `dequantize` materialises about four float32-sized temporaries per slice (measured), so the
+# transient is ~32 MB whatever the layer.
+CHUNK_ELEMENTS = 2**21
 HALF = (mx.bfloat16, mx.float16)
 
 

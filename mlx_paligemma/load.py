@@ -93,6 +93,7 @@ def load_model(
             raise CheckpointError(f"{path}: not a readable safetensors file ({e}); download it again") from None
         for name, array in arrays.items():
             weights[canonical_key(name)] = array
+        arrays = array = None  # the source arrays may be freed as soon as their cast copies exist
     weights = model.sanitize(weights)
     if config.quantization:
         _quantize_like(model, config.quantization, weights, model_dir)

@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"refuse image files larger than this many pixels (default {DEFAULT_MAX_IMAGE_PIXELS:,})",
     )
     p.add_argument("--verbose", action="store_true", help="print timing and memory statistics to stderr")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory estimate (weights, KV cache, activations) against this machine's and stop",
+    )
     return p
 
 
@@ -160,6 +165,29 @@ def _printed(chunks: Iterator) -> Iterator:
     print()
 
 
+def _dry_run(args: argparse.Namespace) -> int:
+    """The memory estimate of this generation (mlx backend), from config.json alone; nothing is loaded."""
+    from ..checkpoint import resolve_model_dir
+    from ..config import load_config
+    from ..memory import available_memory, estimate_generate
+    from ..processor import Processor
+
+    if args.backend == "torch":
+        raise PaliGemmaError("--dry-run: estimates the mlx backend only")
+    model_dir = resolve_model_dir(args.model)
+    processor = Processor.from_dir(model_dir, load_config(model_dir))
+    text = int(processor.encode_prompts(list(args.prompt))["attention_mask"].sum(axis=1).max())
+    est = estimate_generate(
+        model_dir,
+        dtype=args.dtype,
+        batch=len(args.image),
+        text_tokens=max(text - load_config(model_dir).num_image_tokens, 1),
+        max_tokens=args.max_tokens,
+    )
+    print(est.report(available_memory(), f"generate, {len(args.image)} image(s), {args.max_tokens} new tokens"))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from .. import generation
     from ..tasks import draw_detections, parse_detections
@@ -176,6 +204,8 @@ def _run(args: argparse.Namespace) -> int:
             "pass --model google/paligemma-3b-mix-224 or a checkpoint directory for a real one",
             file=sys.stderr,
         )
+    if args.dry_run:
+        return _dry_run(args)
     if args.adapter_path is not None and args.backend == "torch":
         raise PaliGemmaError("--adapter-path: the torch backend reads merged checkpoints (finetune --merge)")
     if args.backend == "torch":
