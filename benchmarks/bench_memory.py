@@ -3,8 +3,9 @@
     python -m benchmarks.bench_memory --preset tiny --workdir /tmp/bm
     python -m benchmarks.bench_memory --preset 3b --workdir /tmp/pg3b --bases bfloat16,4bit,float32 --steps 4
 
-For each base (`float32`, `bfloat16`, `float16`: the frozen base's `--dtype`; `4bit`, `8bit`, `mixed_4_6`
-...: a checkpoint quantized from the preset, QLoRA) one process runs `--steps` LoRA steps of batch
+For each base (`float32`: the preset's checkpoint loaded in float32, what fine-tuning always did before;
+`bfloat16`, `float16`: the preset built in that dtype; `4bit`, `8bit`, `mixed_4_6` ...: a checkpoint
+quantized from the preset, QLoRA) one process runs `--steps` LoRA steps of batch
 `--batch` (rank 8, attention layers) on noise images with short captions, and one process generates
 `--max-tokens` tokens (`--modes` chooses). Each prints the estimate before loading, then the measured
 peak (`mx.get_peak_memory`, which counts weights, activations and optimiser state), the time per
@@ -29,13 +30,18 @@ FLOAT_BASES = ("float32", "bfloat16", "float16")
 def _checkpoint(preset: str, workdir: Path, base: str) -> Path:
     """The preset (built once) or its quantization for `base` ("4bit", "8bit", or a mixed recipe)."""
     from mlx_paligemma.quantize import quantize
-    from tools.presets import build_preset
+    from tools.presets import PRESET_DTYPES, build_preset
 
     src = workdir / preset
     if not (src / "config.json").exists():
         build_preset(preset, src, replace=True)
-    if base in FLOAT_BASES:
-        return src
+    if base == "float32" or base == PRESET_DTYPES[preset]:
+        return src  # float32: the preset's own checkpoint, cast on loading (as fine-tuning used to)
+    if base in FLOAT_BASES:  # a checkpoint stored in that dtype: no cast (and no cast's peak) on loading
+        out = workdir / f"{preset}-{base}"
+        if not (out / "config.json").exists():
+            build_preset(preset, out, dtype=base, replace=True)
+        return out
     out = workdir / f"{preset}-{base}"
     if not (out / "config.json").exists():
         bits = int(base[: -len("bit")]) if base.endswith("bit") else None
