@@ -338,3 +338,34 @@ def test_mixed_recipe_writes_per_layer_bits_that_load_and_run(pg2_dir, tmp_path)
         assert bool(mx.all(mx.abs(w - float_layer.weight) <= step + 1e-6)), path
     result = mp.generate(model, processor, noise_image(30, 30), "caption en", max_tokens=3)
     assert 1 <= len(result.token_ids) <= 3
+
+
+@pytest.mark.parametrize("mode", ["mxfp4", "mxfp8"])
+def test_microscaling_modes_load_like_the_model_that_wrote_them(pg2_dir, tmp_path, mode):
+    """mlx-vlm writes `"mode": "mxfp4"` / `"mxfp8"` checkpoints (no biases); where MLX computes them
+    they load and give the logits of the in-memory model that was saved."""
+    from mlx.utils import tree_flatten
+
+    model, processor = mp.load(pg2_dir)
+    bits = 4 if mode == "mxfp4" else 8
+    predicate = lambda path, module: quantize_module.quantizable(path, module, 32, False)  # noqa: E731
+    nn.quantize(model, group_size=32, bits=bits, mode=mode, class_predicate=predicate)
+    out = tmp_path / mode
+    out.mkdir()
+    for f in pg2_dir.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            (out / f.name).write_bytes(f.read_bytes())
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    config = json.loads((pg2_dir / "config.json").read_text())
+    config["quantization"] = {"group_size": 32, "bits": bits, "mode": mode}
+    (out / "config.json").write_text(json.dumps(config))
+
+    batch = processor(images=[noise_image(40, 40)], prompts=["caption en"])
+    loaded, _ = mp.load(out)
+    assert loaded.language_model.layers[0].mlp.down_proj.mode == mode
+    np.testing.assert_allclose(np.asarray(loaded(**batch)), np.asarray(model(**batch)), rtol=0, atol=1e-5)
+
+    config["quantization"]["mode"] = "int3x"
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(mp.PaliGemmaError, match="quantization mode 'int3x' is not supported"):
+        mp.load(out)
