@@ -8,8 +8,9 @@ Where things are: `load.py` (MLX) and `reference/` (PyTorch) load checkpoints fo
 `checkpoint.py` and `config.py`; `processor.py` makes numpy inputs; `models/` holds the MLX modules
 and their KV cache; `generation.py` is the library's generation loop (`generate`, `stream_generate`);
 `tasks.py` parses boxes, `segmentation.py` and `mask_decoder.py` turn `<seg>` codes into masks,
-`finetune.py` and `lora.py` train. The command lines: `__main__.py` (`mlx-paligemma SUBCOMMAND`)
-dispatches to `commands/generate.py`, `quantize.py`, `doctor.py`, `finetune.py` and `server/`.
+`finetune/` and `lora.py` train, `memory.py` estimates what a run needs, `cpu_layers.py` makes
+quantized and half-precision layers fast on a CPU. The command lines: `__main__.py` (`mlx-paligemma
+SUBCOMMAND`) dispatches to `commands/generate.py`, `quantize.py`, `doctor.py`, `finetune/` and `server/`.
 """
 
 # First, before anything imports mlx.core: importing blas loads a fast BLAS for MLX's CPU backend on Linux.
