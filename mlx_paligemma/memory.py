@@ -187,8 +187,11 @@ def estimate(
     """
     if mode not in MODES:
         raise PaliGemmaError(f"memory estimate: mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if tp_ranks < 1 or config.text_config.num_key_value_heads % tp_ranks and tp_ranks > 1:
-        raise PaliGemmaError(f"memory estimate: tp_ranks {tp_ranks} does not divide the KV heads")
+    if tp_ranks < 1 or config.text_config.num_key_value_heads % tp_ranks:
+        raise PaliGemmaError(
+            f"memory estimate: tp_ranks must be >= 1 and divide the {config.text_config.num_key_value_heads} KV heads, "
+            f"got {tp_ranks}"
+        )
     storage = getattr(mx, dtype)
     if compute_dtype is None:
         compute_dtype = dtype if _on_gpu() else "float32"

@@ -355,8 +355,17 @@ def _train(opts: FinetuneOptions, callback: Optional[Callable], stack: contextli
         if opts.merge and not opts.full:
             from ..lora import dequantize_model, merge_lora
 
+            quantized = load_config(src_dir).quantization
             if opts.merge_dtype is not None:  # a float checkpoint: dequantize first, fuse in float
                 dequantize_model(model)
             merge_lora(model)  # else a quantized base layer is re-quantized with its own settings
             write_checkpoint(model, out / "merged", src_dir, opts.merge_dtype)
+            if not opts.quiet:
+                if quantized and opts.merge_dtype is None:
+                    what = "each adapted layer re-quantized with its base layer's bits and group size"
+                elif quantized:
+                    what = f"the quantized base dequantized to {opts.merge_dtype}, adapters added in float"
+                else:
+                    what = f"adapters folded into the {opts.merge_dtype or 'base checkpoint'}'s weights"
+                print(f"{PROG}: wrote {out / 'merged'}: {what}", file=sys.stderr)
     return TrainResult(out, done, last_loss, val_loss, time.perf_counter() - t0, history)
