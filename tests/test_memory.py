@@ -129,3 +129,18 @@ def test_dry_runs_print_the_estimate_without_reading_weights(small, tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "KV cache" in run.stdout and "total" in run.stdout
+
+
+def test_gradient_checkpointing_switches_itself_on_when_the_estimate_needs_it(small, monkeypatch, capsys):
+    from mlx_paligemma import memory
+
+    opts = ft.FinetuneOptions(
+        model=str(small["float32"]), data=str(small["data"]), out="unused", batch_size=4, max_steps=1
+    )
+    without, _, _ = ft.plan(opts)
+    monkeypatch.setattr(memory, "available_memory", lambda: without.total - 1)  # fits only with checkpointing
+    opts.out, opts.quiet, opts.force = str(small["root"] / "out-auto"), True, True
+    ft.finetune(opts)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "gradient checkpointing on" in line]
+    assert len(lines) == 1 and f"{without.total / 1e9:.1f} GB without it" in lines[0]
+    assert opts.grad_checkpoint
