@@ -238,11 +238,16 @@ def _decoder_and_head_shapes(config: PaliGemmaConfig):
 
 
 def estimate_generate(
-    model_dir, dtype: Optional[str] = None, batch: int = 1, text_tokens: int = 32, max_tokens: int = 100
+    model_dir,
+    dtype: Optional[str] = None,
+    batch: int = 1,
+    text_tokens: int = 32,
+    max_tokens: int = 100,
+    tp_ranks: int = 1,
 ) -> MemoryEstimate:
     """`mlx-paligemma generate --dry-run`: generation from a checkpoint folder, as `load()` would hold it
     (float32 on the CPU unless `dtype`, else the checkpoint's dtype), from config.json and the tensor
-    index only."""
+    index only. `tp_ranks`: per rank of a tensor-parallel run (see `estimate`)."""
     from .checkpoint import open_checkpoint, stored_dtype
     from .config import load_config
 
@@ -258,4 +263,5 @@ def estimate_generate(
         text_tokens=text_tokens,
         max_tokens=max_tokens,
         compute_dtype=dtype,
+        tp_ranks=tp_ranks,
     )
