@@ -103,11 +103,14 @@ def _load_training_state(
     state = json.loads(state_file.read_text())
     step, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
     if opts.full:
-        model.load_weights(str(out / WEIGHTS_FILE), strict=False)
+        saved = mx.load(str(out / WEIGHTS_FILE))
     else:
         from ..lora import ADAPTER_WEIGHTS
 
-        model.load_weights(list(mx.load(str(out / ADAPTER_WEIGHTS)).items()), strict=False)
+        saved = mx.load(str(out / ADAPTER_WEIGHTS))
+    # A full checkpoint is written in the source's dtype: training goes on in the dtype it ran in.
+    current = dict(tree_flatten(model.parameters()))
+    model.load_weights([(k, v.astype(current[k].dtype) if k in current else v) for k, v in saved.items()], strict=False)
     optimizer.state = tree_unflatten(list(mx.load(str(out / OPTIMIZER_FILE)).items()))
     mx.eval(model.parameters(), optimizer.state)
     return step, elapsed
