@@ -1,10 +1,11 @@
 """Frozen layers that keep their weights small in memory and compute in float32 on the CPU.
 
 MLX's CPU kernels for quantized and half-precision matrix products are scalar: a 256x2048 by
-2048x4096 product takes ~4 s with `quantized_matmul`, 0.25 s as `dequantize` + a float32 BLAS
-matmul, 0.16 s in float32 (benchmarks/bench_quantized_matmul.py). So on the CPU, products with
-many rows (prefill, training) dequantize (or cast) the weight into a float32 temporary and use the
-BLAS; products with few rows (decode) keep `quantized_matmul`, which wins there (no temporary).
+2048x4096 product takes ~1.9 s with `quantized_matmul`, 0.07 s as `dequantize` (in 8 MB slices) +
+a float32 BLAS matmul, 0.03 s in float32 (`python -m benchmarks.bench_quantized_matmul`). So on the
+CPU, products with several rows (prefill, training, batched decode) dequantize (or cast) the
+weight into float32 temporaries and use the BLAS; one-row products (decode) keep
+`quantized_matmul`, which wins there (no temporary).
 On the GPU every layer is exactly its MLX parent.
 
 The layers are subclasses with the parents' parameters and no others, swapped in by changing
@@ -25,9 +26,9 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-# From about this many rows a dequantize + float32 BLAS product beats `quantized_matmul` on the CPU
-# (4/8 bits, group sizes 32-128; measured crossover between 4 and 16 rows).
-DEQUANTIZE_MIN_ROWS = 8
+# From this many rows a dequantize + float32 BLAS product beats `quantized_matmul` on the CPU
+# (4/8 bits, group sizes 32-128: 1.1-1.8x faster at 4 rows, 2.3-2.9x at 8, ~26x at 256; slower at 1-2).
+DEQUANTIZE_MIN_ROWS = 4
 # Rows of a weight made float32 at a time (in elements: 8 MB of float32). A 257k-row embedding used as
 # the LM head is dequantized in slices rather than at once (2.1 GB for the 3B model's); MLX's CPU
 # `dequantize` materialises about four float32-sized temporaries per slice (measured), so the
