@@ -9,10 +9,11 @@ Where things are: `load.py` (MLX) and `reference/` (PyTorch) load checkpoints fo
 and their KV cache; `engine.py` is the one decode loop (rows join and leave a running batch; the
 library, the CLI and the server all use it) and `generation.py` the API over it (`generate`, ...);
 `tasks.py` parses boxes, `segmentation.py` and `mask_decoder.py` turn `<seg>` codes into masks,
-`finetune.py` and `lora.py` train, `sharding.py` splits a model over `mlx.launch` ranks (tensor parallel),
-`batch_job.py` holds the batch job's inputs, results file and rank merge. The command lines: `__main__.py`
-(`mlx-paligemma SUBCOMMAND`) dispatches to `commands/generate.py`, `commands/batch.py`, `quantize.py`,
-`doctor.py`, `finetune.py` and `server/`.
+`finetune/` and `lora.py` train, `memory.py` estimates what a run needs, `cpu_layers.py` makes
+quantized and half-precision layers fast on a CPU, `sharding.py` splits a model over `mlx.launch` ranks
+(tensor parallel), `batch_job.py` holds the batch job's inputs, results file and rank merge. The command
+lines: `__main__.py` (`mlx-paligemma SUBCOMMAND`) dispatches to `commands/generate.py`, `commands/batch.py`,
+`commands/demo.py`, `quantize.py`, `doctor.py`, `finetune/` and `server/`.
 """
 
 # First, before anything imports mlx.core: importing blas loads a fast BLAS for MLX's CPU backend on Linux.

@@ -191,6 +191,17 @@ def open_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     return ckpt
 
 
+def stored_dtype(ckpt: Checkpoint) -> str:
+    """The float dtype the checkpoint stores (that of the final norm weight, float in quantized
+    checkpoints too): what a file written from it keeps."""
+    from .dtypes import SAFETENSORS_CODES
+
+    info = ckpt.tensors.get("language_model.norm.weight")
+    if info is None or info.dtype not in SAFETENSORS_CODES:
+        raise CheckpointError(f"{ckpt.directory}: no float 'language_model.norm.weight' to tell its dtype")
+    return SAFETENSORS_CODES[info.dtype]
+
+
 # Buffers some exporters save that are not weights.
 NON_WEIGHT_SUFFIXES = (".position_ids", ".rotary_emb.inv_freq")
 

@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 
 from .checkpoint import canonical_key, check_tensors, open_checkpoint, resolve_model_dir
 from .config import load_config
+from .cpu_layers import use_cpu_layers
 from .dtypes import mlx_dtypes
 from .errors import CheckpointError, PaliGemmaError
 from .models import Model
@@ -81,10 +82,20 @@ def on_cpu() -> bool:
 
 
 def load_model(
-    model_dir: str | os.PathLike, dtype: Optional[str] = None, lazy: bool = False, *, float32_on_cpu: bool = False
+    model_dir: str | os.PathLike,
+    dtype: Optional[str] = None,
+    lazy: bool = False,
+    *,
+    float32_on_cpu: bool = False,
+    float32_compute: bool = False,
 ) -> Model:
     """The MLX model alone, from a local checkpoint directory, in the checkpoint's dtype unless `dtype` is
     given (or, with `float32_on_cpu`, float32 when the default device is the CPU: what `load()` does).
+
+    `float32_compute` (fine-tuning a half-precision base on the CPU): the linear and embedding weights
+    stay in `dtype` (default: the checkpoint's) in memory, every other tensor is float32, and those
+    layers compute in float32 (`cpu_layers.CastLinear`): half the memory of a float32 model without
+    MLX's scalar CPU half-precision matmuls. Quantized layers always get `cpu_layers`' fast CPU path.
 
     `lazy=True` leaves every weight unevaluated: a tensor is read from disk only when something
     evaluates it. The quantize tool relies on this to convert a few tensors at a time, so its peak
@@ -103,6 +114,7 @@ def load_model(
             raise CheckpointError(f"{path}: not a readable safetensors file ({e}); download it again") from None
         for name, array in arrays.items():
             weights[canonical_key(name)] = array
+        arrays = array = None  # the source arrays may be freed as soon as their cast copies exist
     weights = model.sanitize(weights)
     if config.quantization:
         _quantize_like(model, config.quantization, weights, model_dir)
@@ -113,28 +125,55 @@ def load_model(
         compute_dtype = weights["language_model.norm.weight"].dtype
         if float32_on_cpu and on_cpu():
             compute_dtype = mx.float32
-    weights = {k: v.astype(compute_dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    kept = _half_weight_keys(model) if float32_compute and compute_dtype != mx.float32 else set()
+    weights = {
+        k: v.astype(compute_dtype if k in kept or not float32_compute else mx.float32)
+        if mx.issubdtype(v.dtype, mx.floating)
+        else v
+        for k, v in weights.items()
+    }
     model.load_weights(list(weights.items()), strict=True)
     del weights
+    use_cpu_layers(model, half_weights=bool(kept))
     if not lazy:
-        mx.eval(model.parameters())
+        _eval_in_batches(model)
     model.eval()
     return model
 
 
+def _eval_in_batches(model: Model, elements: int = 2**25) -> None:
+    """Read (and cast) the weights a few tensors at a time: a float32 checkpoint loaded in bf16 then
+    holds the bf16 model plus one batch of float32 tensors, not both whole models at once."""
+    batch, count = [], 0
+    for _, array in tree_flatten(model.parameters()):
+        batch.append(array)
+        count += array.size
+        if count >= elements:
+            mx.eval(batch)
+            batch, count = [], 0
+    mx.eval(batch)
+
+
+def _half_weight_keys(model: Model) -> set[str]:
+    """The weights of plain linear and embedding layers: the bulk of the model, kept half precision."""
+    return {f"{path}.weight" for path, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)}
+
+
 def _quantize_like(model: Model, quantization: dict, weights: dict[str, mx.array], model_dir) -> None:
     """Turn exactly the layers the checkpoint stores quantized (those with `.scales`) into quantized
-    layers before loading, so no float copy of them is ever built. Works for our files and for
-    mlx-vlm's (mlx-community) alike, whichever layers they chose to quantize."""
+    layers before loading, so no float copy of them is ever built. Each layer takes its own entry of
+    config.json's "quantization" (mlx-lm's per-layer format: mixed recipes) or the global settings;
+    works for our files and mlx-vlm's (mlx-community) alike, whichever layers they quantized."""
+    from .quantize import quantization_predicate
+
+    where = f"{model_dir}/config.json"
+    if not isinstance(quantization, dict):
+        raise PaliGemmaError(f"{where}: malformed 'quantization' entry {quantization!r} (expected group_size and bits)")
     try:
-        group_size, bits = int(quantization["group_size"]), int(quantization["bits"])
-        mode = str(quantization.get("mode", "affine"))
-    except (KeyError, TypeError, ValueError):
-        raise PaliGemmaError(
-            f"{model_dir}/config.json: malformed 'quantization' entry {quantization!r} (expected group_size and bits)"
-        ) from None
-    if mode != "affine":
-        raise PaliGemmaError(f"{model_dir}/config.json: quantization mode {mode!r} is not supported (affine only)")
-    nn.quantize(
-        model, group_size=group_size, bits=bits, class_predicate=lambda path, module: f"{path}.scales" in weights
-    )
+        predicate = quantization_predicate(quantization, stored=lambda path: f"{path}.scales" in weights)
+    except PaliGemmaError as e:
+        raise PaliGemmaError(str(e).replace("config.json", where, 1)) from None
+    try:
+        nn.quantize(model, class_predicate=predicate)
+    except (ValueError, RuntimeError) as e:  # a mode or bit width this MLX (or device) cannot compute
+        raise PaliGemmaError(f"{where}: this MLX cannot use the checkpoint's quantization ({e})") from None

@@ -20,7 +20,7 @@ from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import PaliGemmaError
 from .fsutil import atomic_path, atomic_write_text
@@ -65,7 +65,7 @@ class LoRALinear(nn.Module):
         if has_bias:
             fused.bias = base.bias
         if isinstance(base, nn.QuantizedLinear):
-            fused = nn.QuantizedLinear.from_linear(fused, base.group_size, base.bits)
+            fused = fused.to_quantized(group_size=base.group_size, bits=base.bits, mode=base.mode)
         return fused
 
 
@@ -108,6 +108,26 @@ def merge_lora(model: nn.Module) -> int:
                     setattr(part, name, child.fuse())
                     count += 1
     return count
+
+
+def dequantize_model(model: nn.Module) -> int:
+    """Replace every quantized linear and embedding by the float layer it stands for (in the dtype of
+    its scales), in place; returns how many. `finetune --merge-dtype` writes a float checkpoint so."""
+    replaced = []
+    for path, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            weight = mx.dequantize(m["weight"], m["scales"], m.get("biases"), m.group_size, m.bits, mode=m.mode)
+            if isinstance(m, nn.QuantizedEmbedding):
+                layer = nn.Embedding(*weight.shape)
+            else:
+                layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in m)
+                if "bias" in m:
+                    layer.bias = m["bias"]
+            layer.weight = weight
+            replaced.append((path, layer))
+    if replaced:
+        model.update_modules(tree_unflatten(replaced))
+    return len(replaced)
 
 
 def save_adapters(

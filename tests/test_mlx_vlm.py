@@ -27,6 +27,7 @@ import io
 import json
 from pathlib import Path
 
+import mlx.nn as nn
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -117,8 +118,8 @@ def test_mlx_vlm_conversion_loads_and_matches_mlx_vlm(source, tmp_path, bits, ca
     assert np.abs(a_same_eps - b).max() <= TOL_SAME_EPS
     if bits is not None:
         assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == bits
-        assert type(ours.language_model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
-        assert type(ours.language_model.embed_tokens).__name__ == "QuantizedEmbedding"
+        assert isinstance(ours.language_model.layers[0].mlp.down_proj, nn.QuantizedLinear)
+        assert isinstance(ours.language_model.embed_tokens, nn.QuantizedEmbedding)
 
 
 def test_mlx_vlm_tokenizer_json_tokenizes_like_the_source_sentencepiece(source, tmp_path):
@@ -149,3 +150,30 @@ def test_mlx_vlm_quantized_model_generates(source, tmp_path):
     model, processor = mp.load(out)
     result = mp.generate(model, processor, noise_image(30, 30), "caption en", max_tokens=4)
     assert 1 <= len(result.token_ids) <= 4
+
+
+def test_mlx_vlm_mixed_recipe_loads_and_matches_mlx_vlm(source, tmp_path):
+    """A per-layer quantization config (mlx-vlm's mixed_4_6: 6 bits for the embedding and some
+    v_proj/down_proj, 4 for the rest) loads with each layer's own bits and gives mlx-vlm's logits."""
+    from mlx_vlm.convert import convert
+    from mlx_vlm.utils import load as vlm_load
+
+    out = tmp_path / "mixed"
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(str(source), mlx_path=str(out), quantize=True, quant_predicate="mixed_4_6")
+    quantization = json.loads((out / "config.json").read_text())["quantization"]
+    per_layer = {k: v for k, v in quantization.items() if isinstance(v, dict)}
+    assert {v["bits"] for v in per_layer.values()} == {4, 6}
+
+    ours, processor = mp.load(out)
+    for path, settings in per_layer.items():  # mlx-vlm's module paths, in its own layout
+        module = ours
+        for part in path.replace("language_model.model.", "language_model.").split("."):
+            module = module[int(part)] if part.isdigit() else getattr(module, part)
+        assert (module.bits, module.group_size) == (settings["bits"], settings["group_size"]), path
+    theirs, _ = vlm_load(str(out))
+    batch = processor(images=[noise_image(50, 40)], prompts=["caption en"])
+    ours.vision_tower.post_layernorm.eps = 1e-5  # mlx-vlm's value (see the module docstring)
+    a = np.asarray(ours(batch["input_ids"], batch["pixel_values"]))
+    b = np.asarray(theirs(batch["input_ids"], batch["pixel_values"], mask=batch["attention_mask"]).logits)
+    assert np.abs(a - b).max() <= TOL_SAME_EPS

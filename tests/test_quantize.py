@@ -292,7 +292,8 @@ def test_cli_run_and_user_errors(pg1_dir, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "wrote" in ok.stderr and (tmp_path / "q8" / "model.safetensors").exists()
     for args, fragment in [
-        (["--bits", "3"], "argument --bits: invalid choice"),
+        (["--bits", "7"], "argument --bits: invalid choice"),
+        (["--bits", "4", "--recipe", "mixed_4_6"], "give one of them"),
         (["--bits", "4", "--group-size", "48"], "argument --group-size: invalid choice"),
         (["--bits", "8", "--out-of-range"], "unrecognized arguments"),
     ]:
@@ -307,3 +308,64 @@ def test_cli_run_and_user_errors(pg1_dir, tmp_path):
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and fragment in lines[0] and "Traceback" not in out.stderr
     assert not (pg1_dir / "sub").exists()
+
+
+def test_mixed_recipe_writes_per_layer_bits_that_load_and_run(pg2_dir, tmp_path):
+    """mixed_4_6 on the 4-layer PaliGemma 2: 6 bits for the embedding and for v_proj/down_proj of the
+    last layer (index >= 7*4//8 = 3) and of layer 2 ((2 - 0) % 3 == 2), 4 bits elsewhere; each layer's
+    dequantized weights are within one of its own quantization steps of the float weights (the bound of
+    test_dequantized_weights_are_within_one_step)."""
+    out = quantize(pg2_dir, tmp_path / "mixed", recipe="mixed_4_6", group_size=GROUP, progress=quiet)
+    quantization = json.loads((out / "config.json").read_text())["quantization"]
+    assert quantization["bits"] == 4 and quantization["group_size"] == GROUP
+    high = {"language_model.embed_tokens"} | {
+        f"language_model.layers.{i}.{part}" for i in (2, 3) for part in ("self_attn.v_proj", "mlp.down_proj")
+    }
+    per_layer = {k: v["bits"] for k, v in quantization.items() if isinstance(v, dict)}
+    assert {k for k, bits in per_layer.items() if bits == 6} == high
+    assert {bits for k, bits in per_layer.items() if k not in high} == {4}
+
+    model, processor = mp.load(out)
+    reference = load_model(pg2_dir, "float32")
+    for path, bits in per_layer.items():
+        layer, float_layer = model, reference
+        for part in path.split("."):
+            layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
+            float_layer = float_layer[int(part)] if part.isdigit() else getattr(float_layer, part)
+        assert layer.bits == bits, path
+        w = mx.dequantize(layer.weight, layer.scales, layer.biases, GROUP, bits)
+        step = mx.repeat(mx.abs(layer.scales), GROUP, axis=-1)
+        assert bool(mx.all(mx.abs(w - float_layer.weight) <= step + 1e-6)), path
+    result = mp.generate(model, processor, noise_image(30, 30), "caption en", max_tokens=3)
+    assert 1 <= len(result.token_ids) <= 3
+
+
+@pytest.mark.parametrize("mode", ["mxfp4", "mxfp8"])
+def test_microscaling_modes_load_like_the_model_that_wrote_them(pg2_dir, tmp_path, mode):
+    """mlx-vlm writes `"mode": "mxfp4"` / `"mxfp8"` checkpoints (no biases); where MLX computes them
+    they load and give the logits of the in-memory model that was saved."""
+    from mlx.utils import tree_flatten
+
+    model, processor = mp.load(pg2_dir)
+    bits = 4 if mode == "mxfp4" else 8
+    predicate = lambda path, module: quantize_module.quantizable(path, module, 32, False)  # noqa: E731
+    nn.quantize(model, group_size=32, bits=bits, mode=mode, class_predicate=predicate)
+    out = tmp_path / mode
+    out.mkdir()
+    for f in pg2_dir.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            (out / f.name).write_bytes(f.read_bytes())
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    config = json.loads((pg2_dir / "config.json").read_text())
+    config["quantization"] = {"group_size": 32, "bits": bits, "mode": mode}
+    (out / "config.json").write_text(json.dumps(config))
+
+    batch = processor(images=[noise_image(40, 40)], prompts=["caption en"])
+    loaded, _ = mp.load(out)
+    assert loaded.language_model.layers[0].mlp.down_proj.mode == mode
+    np.testing.assert_allclose(np.asarray(loaded(**batch)), np.asarray(model(**batch)), rtol=0, atol=1e-5)
+
+    config["quantization"]["mode"] = "int3x"
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(mp.PaliGemmaError, match="quantization mode 'int3x' is not supported"):
+        mp.load(out)

@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="under mlx.launch: split the language model over the ranks (tensor parallel); rank 0 prints",
     )
     p.add_argument("--shard-vision", action="store_true", help="with --shard: split the vision tower too")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory estimate (weights, KV cache, activations; per rank with --shard) and stop",
+    )
     return p
 
 
@@ -209,6 +214,39 @@ def _printed(chunks: Iterator) -> Iterator:
     print()
 
 
+def _dry_run(args: argparse.Namespace) -> int:
+    """The memory estimate of this generation (mlx backend), from config.json alone; nothing is loaded."""
+    from ..checkpoint import resolve_model_dir
+    from ..config import load_config
+    from ..memory import available_memory, estimate_generate
+    from ..processor import Processor
+
+    if args.backend == "torch":
+        raise PaliGemmaError("--dry-run: estimates the mlx backend only")
+    ranks = 1
+    if args.shard:  # under mlx.launch: what each rank will hold; rank 0 prints
+        import mlx.core as mx
+
+        group = mx.distributed.init()
+        if group.rank() != 0:
+            return 0
+        ranks = group.size()
+    model_dir = resolve_model_dir(args.model)
+    processor = Processor.from_dir(model_dir, load_config(model_dir))
+    text = int(processor.encode_prompts(list(args.prompt))["attention_mask"].sum(axis=1).max())
+    est = estimate_generate(
+        model_dir,
+        dtype=args.dtype,
+        batch=len(args.image),
+        text_tokens=max(text - load_config(model_dir).num_image_tokens, 1),
+        max_tokens=args.max_tokens,
+        tp_ranks=ranks,
+    )
+    what = f"generate, {len(args.image)} image(s), {args.max_tokens} new tokens"
+    print(est.report(available_memory(), what + (f", per rank of {ranks}" if ranks > 1 else "")))
+    return 0
+
+
 def _run(args: argparse.Namespace, writes_files: bool = True) -> int:
     from .. import generation
     from ..grammar import grammar_processors
@@ -226,6 +264,8 @@ def _run(args: argparse.Namespace, writes_files: bool = True) -> int:
             "pass --model google/paligemma-3b-mix-224 or a checkpoint directory for a real one",
             file=sys.stderr,
         )
+    if args.dry_run:
+        return _dry_run(args)
     if args.adapter_path is not None and args.backend == "torch":
         raise PaliGemmaError("--adapter-path: the torch backend reads merged checkpoints (finetune --merge)")
     if args.backend == "torch":
