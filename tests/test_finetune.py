@@ -221,16 +221,6 @@ def test_cli_refuses_to_overwrite_output(pg1_dir, tmp_path, capsys):
     assert (tmp_path / "o" / "mine.txt").read_text() == "keep"
 
 
-def test_fast_gelu_matches_gelu_approx():
-    import mlx.nn as nn
-
-    x = mx.linspace(-12, 12, 20001)
-    np.testing.assert_allclose(np.array(ft.fast_gelu_approx(x)), np.array(nn.gelu_approx(x)), rtol=0, atol=2e-6)
-    g_fast = mx.grad(lambda v: ft.fast_gelu_approx(v).sum())(x)
-    g_ref = mx.grad(lambda v: nn.gelu_approx(v).sum())(x)
-    np.testing.assert_allclose(np.array(g_fast), np.array(g_ref), rtol=0, atol=1e-5)
-
-
 def test_grad_checkpoint_gives_the_same_gradients(pg1_dir):
     import mlx.nn as nn
 

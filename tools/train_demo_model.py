@@ -345,7 +345,6 @@ def measure_speed(arch: Arch, opts: TrainOptions, batches: int = 16) -> dict:
 
     import mlx.optimizers as optim
 
-    from mlx_paligemma.finetune import fast_activations
     from mlx_paligemma.load import load_model
     from mlx_paligemma.processor import Processor
 
@@ -358,15 +357,14 @@ def measure_speed(arch: Arch, opts: TrainOptions, batches: int = 16) -> dict:
     stream = SceneStream(processor, opts.batch_size, opts.seed, parse_mix(opts.mix), 0.0)
     data = [b for i in range(-(-batches // stream.pool)) for b in stream.chunk(i, 0.5)][:batches]
     step = make_step(model, optimizer, processor, opts)
-    with fast_activations():
-        t = time.perf_counter()
-        for batch in data:
-            step(batch)
-        first = time.perf_counter() - t
-        t = time.perf_counter()
-        for batch in data:
-            step(batch)
-        steady = time.perf_counter() - t
+    t = time.perf_counter()
+    for batch in data:
+        step(batch)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    for batch in data:
+        step(batch)
+    steady = time.perf_counter() - t
     return {
         "image_tokens": arch.image_tokens,
         "batches": batches,
@@ -382,7 +380,7 @@ def train(work: Path, opts: TrainOptions, part: PartOptions, resume: bool) -> di
     import mlx.optimizers as optim
     from mlx.utils import tree_unflatten
 
-    from mlx_paligemma.finetune import fast_activations, order_loc_embeddings
+    from mlx_paligemma.finetune import order_loc_embeddings
     from mlx_paligemma.load import load_model
     from mlx_paligemma.processor import Processor
 
@@ -447,32 +445,31 @@ def train(work: Path, opts: TrainOptions, part: PartOptions, resume: bool) -> di
         }
 
     try:
-        with fast_activations():
-            while True:
-                now = time.perf_counter()
-                if opts.steps and state["step"] >= opts.steps or budget and now - t0 >= budget:
-                    break
-                if part.part_minutes and now - part_start >= part.part_minutes * 60:
-                    break
-                if part.stop_after_steps and state["step"] - start_step >= part.stop_after_steps:
-                    break
-                optimizer.learning_rate = mx.array(lr_at(opts, state["step"], progress(state["step"])))
-                value = train_step(next(batches))
-                ema = value if ema is None else 0.98 * ema + 0.02 * value
-                state["step"] += 1
-                state["examples"] += opts.batch_size
-                state["elapsed"] = time.perf_counter() - t0
-                state["loss_ema"] = ema
-                if bar is not None:
-                    bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
-                    bar.update(1)
-                now = time.perf_counter()
-                if now >= next_save:
-                    save_snapshot(work, model, optimizer, {**state, "options": asdict(opts)})
-                    next_save = now + part.save_minutes * 60
-                if now >= next_eval:
-                    log_eval(work, model, processor, record(), part.eval_images, vocab)
-                    next_eval = time.perf_counter() + part.eval_minutes * 60
+        while True:
+            now = time.perf_counter()
+            if opts.steps and state["step"] >= opts.steps or budget and now - t0 >= budget:
+                break
+            if part.part_minutes and now - part_start >= part.part_minutes * 60:
+                break
+            if part.stop_after_steps and state["step"] - start_step >= part.stop_after_steps:
+                break
+            optimizer.learning_rate = mx.array(lr_at(opts, state["step"], progress(state["step"])))
+            value = train_step(next(batches))
+            ema = value if ema is None else 0.98 * ema + 0.02 * value
+            state["step"] += 1
+            state["examples"] += opts.batch_size
+            state["elapsed"] = time.perf_counter() - t0
+            state["loss_ema"] = ema
+            if bar is not None:
+                bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
+                bar.update(1)
+            now = time.perf_counter()
+            if now >= next_save:
+                save_snapshot(work, model, optimizer, {**state, "options": asdict(opts)})
+                next_save = now + part.save_minutes * 60
+            if now >= next_eval:
+                log_eval(work, model, processor, record(), part.eval_images, vocab)
+                next_eval = time.perf_counter() + part.eval_minutes * 60
     finally:
         if isinstance(batches, Prefetcher):
             batches.close()

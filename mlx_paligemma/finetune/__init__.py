@@ -30,8 +30,6 @@ from ..errors import PaliGemmaError
 from .cli import build_parser, main
 from .data import Batcher, DataError, Example, Prefetcher, read_jsonl
 from .loss import (
-    fast_activations,
-    fast_gelu_approx,
     forward,
     loc_token_range,
     order_loc_embeddings,
@@ -56,8 +54,6 @@ __all__ = [
     "TrainResult",
     "WEIGHTS_FILE",
     "build_parser",
-    "fast_activations",
-    "fast_gelu_approx",
     "finetune",
     "forward",
     "grad_checkpointing",

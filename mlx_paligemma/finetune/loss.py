@@ -1,65 +1,18 @@
-"""The training loss: logits under the prefix-LM masks, suffix-token cross-entropy (with optional
-`<loc>` smoothing), and the fast GELU used while training."""
+"""The training loss: logits under the prefix-LM masks and suffix-token cross-entropy (with optional
+`<loc>` smoothing). The models' GELU and softmax are fast on the CPU by themselves (`models/fast_math.py`)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import math
 from typing import Any, Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from ..errors import PaliGemmaError
 from ..models import Model
 from ..models.paligemma import prefix_lm_masks
 from ..processor import Processor
-
-# Eigen's rational approximation of tanh (float32 accurate to ~4e-7): MLX's CPU tanh is scalar and made
-# GELU the most expensive op of a small model's training step.
-_TANH_P = (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08)
-_TANH_P += (-8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16)
-_TANH_Q = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
-_GELU_C = math.sqrt(2 / math.pi)
-
-
-def _fast_tanh(x: mx.array) -> mx.array:
-    x = mx.clip(x, -7.90531110763549805, 7.90531110763549805)
-    x2 = x * x
-    p = _TANH_P[-1]
-    for a in reversed(_TANH_P[:-1]):
-        p = x2 * p + a
-    q = _TANH_Q[-1]
-    for b in reversed(_TANH_Q[:-1]):
-        q = x2 * q + b
-    return x * p / q
-
-
-@mx.custom_function
-def fast_gelu_approx(x: mx.array) -> mx.array:
-    """`nn.gelu_approx` (tanh GELU) to within 1e-6, with an analytic gradient, using only multiply-adds."""
-    return 0.5 * x * (1 + _fast_tanh(_GELU_C * (x + 0.044715 * x * x * x)))
-
-
-@fast_gelu_approx.vjp
-def _fast_gelu_vjp(primals, cotangent, output):
-    x = primals[0] if isinstance(primals, (list, tuple)) else primals
-    t = _fast_tanh(_GELU_C * (x + 0.044715 * x * x * x))
-    d = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * x * x)
-    return (cotangent * d,)
-
-
-@contextlib.contextmanager
-def fast_activations():
-    """While training, GELU runs as `fast_gelu_approx` (the models call `nn.gelu_approx` by name)."""
-    original = nn.gelu_approx
-    nn.gelu_approx = fast_gelu_approx
-    try:
-        yield
-    finally:
-        nn.gelu_approx = original
 
 
 def forward(model: Model, batch: dict[str, mx.array], last: Optional[int] = None) -> mx.array:

@@ -24,7 +24,6 @@ from ..models import Model
 from ..processor import Processor
 from .data import Batcher, Example, Prefetcher, _global_batches, read_jsonl
 from .loss import (
-    fast_activations,
     forward,
     loc_token_range,
     order_loc_embeddings,
@@ -176,7 +175,7 @@ def finetune(
 ) -> TrainResult:
     """Train as `opts` says; returns where the result is. `callback(step, model, processor, info)` runs
     after every optimizer step on rank 0 (used by tools/train_demo_model.py for timed evaluations)."""
-    with fast_activations(), contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
         return _train(opts, callback, stack)
 
 
