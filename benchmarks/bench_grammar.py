@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from tools.make_tiny_checkpoint import build_preset
+            from tools.presets import build_preset
 
             model = str(build_preset(args.preset, Path(tmp) / "ckpt"))
         r = bench(model, args.tokens, args.runs, batches)
