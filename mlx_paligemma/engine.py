@@ -583,11 +583,12 @@ class Engine:
             self._waiting.extend(new)
         for row in cancels:
             row.cancelled = True
-        self.sync.announce(new, cancels, reset)
+        with _on(self.stream):  # the stepping thread's stream, as the step's own collectives
+            self.sync.announce(new, cancels, reset)
 
     def close(self) -> None:
         """Tensor-parallel rank 0: tell the other ranks to stop following (after the last step)."""
-        with self._step_lock:
+        with self._step_lock, _on(self.stream):
             if self.sync is not None:
                 self.sync.stop()
                 self.sync = None

@@ -11,12 +11,12 @@ import os
 import sys
 from pathlib import Path
 
-import mlx.core as mx
-
-from mlx_paligemma.server import main
+from mlx_paligemma.server import main  # before mlx.core: its fast CPU BLAS (see blas.py)
 
 
 def run(out: Path, argv: list[str]) -> int:
+    import mlx.core as mx
+
     rank = mx.distributed.init().rank()
     (out / f"rank{rank}.pid").write_text(str(os.getpid()))
     status = main(argv)
