@@ -162,6 +162,20 @@ def broadcast_int(value: int, group: mx.distributed.Group) -> int:
     return int(mx.distributed.all_sum(mine, group=group).item())
 
 
+def broadcast_bytes(data: bytes, group: mx.distributed.Group) -> bytes:
+    """Rank 0's `data` on every rank (the others pass anything, e.g. b""): its length, then the bytes.
+
+    The bytes go through an `all_gather` (as in `gather_rows`), which moves bytes of any dtype; rank 0's row is
+    kept."""
+    if group.size() == 1:
+        return data
+    size = broadcast_int(len(data), group)
+    mine = np.zeros(size, np.uint8)
+    if group.rank() == 0:
+        mine[:] = np.frombuffer(data, np.uint8)
+    return bytes(np.array(mx.distributed.all_gather(mx.array(mine)[None], group=group)[0]))
+
+
 def gather_rows(lines: Sequence[bytes], group: mx.distributed.Group) -> list[list[bytes]]:
     """Every rank's encoded rows, on every rank: `result[r]` is rank r's list, in its order.
 

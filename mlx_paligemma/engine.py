@@ -20,6 +20,12 @@ steps are serialised by a lock, and every array the engine keeps between steps (
 tokens, random keys) is evaluated before the lock is released, because an unevaluated MLX array
 belongs to the stream, hence the thread, that made it. Any thread may drive the loop: a library
 call steps the engine until its own rows are done, and rows of other threads decode with it.
+
+Tensor parallelism (`server --shard`): rank 0's engine has a `sync` (`server/follower.py`). Rows
+submitted and cancelled there are held until the next step, whose first act is to announce them
+(`sync.announce`), so a row submitted or cancelled while a step runs cannot reach rank 0's batch
+before the other ranks hear of it; the other ranks apply each announcement to their own engine
+and step it, so every rank admits, decodes and drops the same rows in the same step.
 """
 
 from __future__ import annotations
@@ -456,30 +462,41 @@ class Engine:
         self._rows: list[Row] = []  # the running rows, in cache order
         self._cache: Any = None
         self._tokens: Optional[mx.array] = None  # each running row's last token, fed to the next step
+        # Tensor-parallel rank 0 only (see the module docstring): what the next step announces first.
+        self.sync: Any = None
+        self._held: collections.deque[Row] = collections.deque()  # submitted, not yet announced
+        self._cancels: list[Row] = []
+        self._reset_pending = False
 
     # -- any thread -------------------------------------------------------------------------------
     def submit(self, request: Request, emit: Optional[Callable[[Token], None]] = None) -> Row:
         request.options.check()
+        if self.sync is not None:
+            self.sync.check(request)
         row = Row(request, emit)
         with self.work:
-            self._waiting.append(row)
+            (self._waiting if self.sync is None else self._held).append(row)
             self.work.notify_all()
         return row
 
     def cancel(self, row: Row) -> None:
         """The row stops: a waiting row is dropped, a running one leaves the batch at the next step."""
-        row.cancelled = True
+        if self.sync is None:
+            row.cancelled = True
+            return
+        with self._queue_lock:  # takes effect when the next step announces it
+            self._cancels.append(row)
 
     def has_work(self) -> bool:
         with self._queue_lock:
-            return bool(self._waiting or self._rows)
+            return bool(self._waiting or self._held or self._rows)
 
     def running(self) -> int:
         return len(self._rows)
 
     def waiting(self) -> int:
         with self._queue_lock:
-            return len(self._waiting)
+            return len(self._waiting) + len(self._held)
 
     def encode(self, pixel_values: np.ndarray) -> tuple[Any, float]:
         """Features (1, N, hidden) of one model-size image, through the vision cache; (features, seconds)."""
@@ -511,6 +528,8 @@ class Engine:
     def step(self) -> None:
         """One token for every running row, then admit waiting rows (their first token comes from their prefill)."""
         with self._step_lock:
+            if self.sync is not None:
+                self._announce()
             self._drop_cancelled()
             now_rows: list[Row] = []
             tokens: list[mx.array] = []
@@ -553,6 +572,26 @@ class Engine:
                     self.stats.rows_finished += 1
                 row.emit(event)
             self._drop_finished()
+
+    def _announce(self) -> None:
+        """Tensor-parallel rank 0: the rows submitted and cancelled since the last step take effect now,
+        as the other ranks hear of them."""
+        with self._queue_lock:
+            new, self._held = list(self._held), collections.deque()
+            cancels, self._cancels = self._cancels, []
+            reset, self._reset_pending = self._reset_pending, False
+            self._waiting.extend(new)
+        for row in cancels:
+            row.cancelled = True
+        with _on(self.stream):  # the stepping thread's stream, as the step's own collectives
+            self.sync.announce(new, cancels, reset)
+
+    def close(self) -> None:
+        """Tensor-parallel rank 0: tell the other ranks to stop following (after the last step)."""
+        with self._step_lock, _on(self.stream):
+            if self.sync is not None:
+                self.sync.stop()
+                self.sync = None
 
     def _sample(self, rows: list[Row], logits: mx.array) -> mx.array:
         with _on(self.stream):
@@ -631,6 +670,7 @@ class Engine:
                 if not row.done:
                     self._end(row, "error")
             self._rows, self._cache, self._tokens = [], None, None
+            self._reset_pending = self.sync is not None  # the other ranks drop theirs before the next step
 
     def _drop_finished(self) -> None:
         keep = [i for i, row in enumerate(self._rows) if not row.done]

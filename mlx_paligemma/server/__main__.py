@@ -2,6 +2,10 @@
 
 The socket is bound before the model loads, so a port in use is a one-line error at once,
 not after a minute of loading; `--port 0` picks a free port (printed on stderr).
+
+`--shard` under `mlx.launch -n N`: the model is split over the N ranks; rank 0 binds, loads its part
+and serves, the other ranks load theirs and follow rank 0's engine (`follower.py`). In a single
+process `--shard` changes nothing, as for `generate --shard`.
 """
 
 from __future__ import annotations
@@ -56,6 +60,13 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--max-queued", type=int, default=256, help="requests waiting beyond this get 503 (256)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--shard",
+        action="store_true",
+        help="under mlx.launch: split the language model over the ranks (tensor parallel); rank 0 serves HTTP, "
+        "the other ranks follow its batches",
+    )
+    p.add_argument("--shard-vision", action="store_true", help="with --shard: split the vision tower too")
     return p
 
 
@@ -90,6 +101,8 @@ def _load(args):
     from mlx_paligemma.errors import CheckpointError
 
     kwargs = {"dtype": args.dtype, "adapter_path": args.adapter_path}
+    if args.shard:
+        kwargs.update(shard=True, shard_vision=args.shard_vision)
     if args.model is None:
         try:
             return "demo", *mp.load("demo", **kwargs)
@@ -109,8 +122,23 @@ def _load_mask_decoder(path: Optional[str]):
     return load_mask_decoder(path)
 
 
+def _follow(args) -> int:
+    """A rank other than 0 of `--shard`: its part of the model, stepped as rank 0 says; no socket, no output."""
+    import mlx.core as mx
+
+    from mlx_paligemma.engine import Engine
+    from mlx_paligemma.server.follower import follow
+
+    _, model, processor = _load(args)
+    cache = None if args.vision_cache_mb is None else int(args.vision_cache_mb * 2**20)  # as rank 0's
+    follow(Engine(model, max_batch=args.max_batch, vision_cache_bytes=cache), processor, mx.distributed.init())
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.shard_vision and not args.shard:
+        return fail(PROG, "--shard-vision needs --shard")
     if not 0 <= args.port <= 65535:
         return fail(PROG, f"--port: must be 0..65535, got {args.port}")
     if args.batch_window_ms < 0:
@@ -132,6 +160,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             PROG, f"the server needs FastAPI and uvicorn ({e.name} is missing): pip install 'mlx-paligemma[server]'"
         )
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if args.shard:
+        import mlx.core as mx
+
+        if mx.distributed.init().rank() != 0:
+            return run_main(PROG, lambda: _follow(args))
 
     def body() -> int:
         try:

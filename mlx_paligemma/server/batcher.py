@@ -11,6 +11,9 @@ disconnects (`Job.cancel`), leaves the batch at once and its cache rows are drop
 
 Sampling is per row, seeds included (a seeded row draws from its own random key), so any mix of
 requests shares a batch and a seeded answer does not depend on what else is running.
+
+A model split over the ranks of `mx.distributed` (`server --shard`): this is rank 0, and its engine
+announces every step to the other ranks, which follow it (`follower.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Optional
 
 from ..engine import Engine, Request, Row, Token, engine_for
 from ..errors import PaliGemmaError
+from ..sharding import shard_group
 
 log = logging.getLogger("mlx_paligemma.server")
 
@@ -153,6 +157,11 @@ class Batcher:
         self.batch_window, self.max_queued = batch_window, max_queued
         # The model's engine from now on: library calls in this process (`mp.generate`) join its batch.
         self.engine = engine_for(model, Engine(model, max_batch=max_batch, vision_cache_bytes=vision_cache_bytes))
+        group = shard_group(model)
+        if group is not None and group.size() > 1:
+            from .follower import Leader
+
+            self.engine.sync = Leader(group)
         self._arriving = 0  # requests being read and admitted by the HTTP layer, about to be submitted
         self.stats = Stats()
         self._jobs: dict[int, Job] = {}  # id(row) -> job, for rows waiting or running
@@ -234,7 +243,7 @@ class Batcher:
                 while not self._calls and not self.engine.has_work() and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
-                    return
+                    break
                 calls, self._calls = list(self._calls), collections.deque()
                 self._wait_for_arrivals()
             for call in calls:
@@ -255,6 +264,7 @@ class Batcher:
                     self.stats.batches += 1
                     self.stats.batch_sizes[admitted] += 1
                     self.stats.recent_batch_sizes.append(admitted)
+        self.engine.close()  # a sharded model's other ranks stop following
 
     def _wait_for_arrivals(self) -> None:
         """Idle, with requests waiting: let the ones still arriving come, so they are prefilled together
