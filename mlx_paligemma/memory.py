@@ -109,7 +109,8 @@ def weight_bytes(
     quantized as `quantization` (a config.json "quantization" entry: global and per-layer bits) says.
 
     `float32_small`: everything but linear and embedding weights in float32 (the CPU fine-tuning
-    layout of a half-precision base). `tp_ranks` divides the decoder layers' weights.
+    layout of a half-precision base). `tp_ranks`: one rank's share of a tensor-parallel model (decoder
+    layers and the tied embedding split, KV heads split down to one per rank, vision tower whole).
     """
     from .models import Model
     from .quantize import quantization_predicate
@@ -126,8 +127,12 @@ def weight_bytes(
             itemsize = array.dtype.size
         size = array.size * itemsize
         if key.startswith("language_model.layers."):
-            size //= tp_ranks
+            # k/v keep whole heads: with fewer KV heads than ranks each rank holds a copy of one (sharding.py)
+            kv_split = ".k_proj." in key or ".v_proj." in key
+            size //= min(tp_ranks, config.text_config.num_key_value_heads) if kv_split else tp_ranks
             layers += size
+        elif key.startswith("language_model.embed_tokens."):  # split over the vocabulary (sharding.py)
+            size = -(-size // tp_ranks)
         total += size
     return total, layers
 
@@ -187,9 +192,10 @@ def estimate(
     """
     if mode not in MODES:
         raise PaliGemmaError(f"memory estimate: mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if tp_ranks < 1 or config.text_config.num_key_value_heads % tp_ranks:
+    kv_heads = config.text_config.num_key_value_heads
+    if tp_ranks < 1 or (kv_heads % tp_ranks and tp_ranks % kv_heads):
         raise PaliGemmaError(
-            f"memory estimate: tp_ranks must be >= 1 and divide the {config.text_config.num_key_value_heads} KV heads, "
+            f"memory estimate: tp_ranks must be >= 1 and divide the {kv_heads} KV heads or be a multiple of them, "
             f"got {tp_ranks}"
         )
     storage = getattr(mx, dtype)
@@ -210,7 +216,7 @@ def estimate(
         vision += _slice_transient()
     if mode == "generate":
         positions = math.ceil((length + max_tokens) / KV_STEP) * KV_STEP
-        kv = 2 * batch * positions * t.num_hidden_layers * (t.num_key_value_heads // tp_ranks) * t.head_dim * cb
+        kv = 2 * batch * positions * t.num_hidden_layers * max(t.num_key_value_heads // tp_ranks, 1) * t.head_dim * cb
         prefill = _layer_activations(config, batch, length, cb, tp_ranks) // 2  # one layer, nothing kept
         logits = batch * t.vocab_size * 4
         return MemoryEstimate(weights, max(vision, prefill) + logits, kv_cache=kv)

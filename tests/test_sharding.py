@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from mlx.utils import tree_flatten
 import mlx_paligemma as mp
 from mlx_paligemma.commands import batch
 from mlx_paligemma.config import load_config
+from mlx_paligemma.memory import weight_bytes
 from mlx_paligemma.quantize import quantize
 from mlx_paligemma.sharding import _sharded_to_all, check_shardable
 from tests import two_rank_checks
@@ -104,6 +106,11 @@ def test_two_ranks_give_one_process_results(pg1_dir, pg2_dir, quantized, tmp_pat
             assert two["tokens"] == one["tokens"], (name, rank)
             assert two["sampled"] == one["sampled"], (name, rank)  # rank 0's draw, on both ranks
             share = two["lm_bytes"] / one["lm_bytes"]
+            if not name.endswith("-q4") and name not in two_rank_checks.VISION_SHARDED:
+                # the --shard --dry-run estimate of one rank's weights: what the rank holds (vision whole)
+                estimate, _ = weight_bytes(model.config, mx.float32, tp_ranks=2)
+                held = two["lm_bytes"] + whole - one["lm_bytes"]
+                assert abs(estimate / held - 1) < 0.02, (name, rank, estimate, held)
             # Half, plus what every rank keeps whole: norms, and PaliGemma 1's single KV head.
             assert 0.45 < share < 0.6, (name, rank, share)
             # Loading never holds the whole model: each tensor is read, cut and freed in turn (measured 0.63-0.89
