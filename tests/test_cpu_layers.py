@@ -96,3 +96,18 @@ def test_swapping_keeps_every_parameter_name_and_array():
     after = dict(tree_flatten(model.parameters()))
     assert before.keys() == after.keys() and all(after[k] is before[k] for k in before)
     assert isinstance(model.layers[0], nn.QuantizedLinear) and type(model.layers[0]) is CPUQuantizedLinear
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_fast_dequantize_is_mlx_dequantize_bit_for_bit(bits, dtype):
+    """The shift-and-mask unpacking (2/4/8-bit affine, float32 scales; MLX's kernel otherwise) against
+    `mx.dequantize` itself, every group size, a row count that is not a power of two."""
+    from mlx_paligemma.cpu_layers import dequantize
+
+    for group_size in (32, 64, 128):
+        w = (mx.random.normal((37, 256), key=mx.random.key(bits)) * 3).astype(getattr(mx, dtype))
+        q, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+        expected = mx.dequantize(q, scales, biases, group_size=group_size, bits=bits)
+        got = dequantize(q, scales, biases, group_size, bits, "affine")
+        assert got.dtype == expected.dtype and mx.array_equal(got, expected).item(), (group_size, bits, dtype)
