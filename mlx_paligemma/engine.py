@@ -224,29 +224,6 @@ class VisionCache:
 
 
 # -- the backends' side: what the loop asks of a model -------------------------------------------
-def _stream(device: Any) -> Any:
-    """A stream of the engine's own, valid in whichever thread uses it (MLX streams belong to a thread)."""
-    if hasattr(mx, "new_thread_local_stream"):
-        return mx.new_thread_local_stream(device)
-    return _PerThreadStream(device)
-
-
-class _PerThreadStream:
-    """Before MLX had thread-local streams: a stream made on first use in each thread."""
-
-    def __init__(self, device: Any):
-        self.device, self.local = device, threading.local()
-
-    def get(self) -> mx.Stream:
-        if not hasattr(self.local, "stream"):
-            self.local.stream = mx.new_stream(self.device)
-        return self.local.stream
-
-
-def _on(stream: Any):
-    return mx.stream(stream.get() if isinstance(stream, _PerThreadStream) else stream)
-
-
 class WeakModel:
     """A `model` attribute held by weak reference. The model owns its engine (`engine_for` keeps it on the
     model, so its vision cache lasts between calls); were the engine and its runner to own the model too,
@@ -277,26 +254,26 @@ class MLXRunner:
         self.model, self.stream = model, stream
 
     def encode_image(self, pixel_values: np.ndarray) -> mx.array:
-        with _on(self.stream):
+        with mx.stream(self.stream):
             features = self.model.encode_image(mx.array(pixel_values))
             mx.eval(features)
         return features
 
     def prefill(self, input_ids: np.ndarray, features: Sequence[mx.array], attention_mask: np.ndarray):
-        with _on(self.stream):
+        with mx.stream(self.stream):
             cache = self.model.make_cache(attention_mask)
             return cache, self.model.prefill(input_ids, mx.concatenate(list(features), axis=0), cache)
 
     def step(self, cache: Any, tokens: mx.array) -> mx.array:
-        with _on(self.stream):
+        with mx.stream(self.stream):
             return self.model.decode_step(tokens, cache)
 
     def extend(self, cache: Any, other: Any) -> None:
-        with _on(self.stream):
+        with mx.stream(self.stream):
             cache.extend(other)
 
     def filter(self, cache: Any, keep: list[int]) -> None:
-        with _on(self.stream):
+        with mx.stream(self.stream):
             cache.filter(keep)
 
     @staticmethod
@@ -449,7 +426,8 @@ class Engine:
         if max_batch < 1:
             raise PaliGemmaError(f"max_batch: must be at least 1, got {max_batch}")
         self.model, self.max_batch = model, max_batch
-        self.stream = _stream(mx.default_device())
+        # valid in whichever thread uses it (MLX streams belong to a thread; the package pins an MLX that has it)
+        self.stream = mx.new_thread_local_stream(mx.default_device())
         self.runner = runner_for(model, self.stream)
         if vision_cache_bytes is None:
             vision_cache_bytes = 64 * self.runner.feature_bytes()  # ~64 images of this model
@@ -554,7 +532,7 @@ class Engine:
                 now_rows += admitted
             if not now_rows:
                 return
-            with _on(self.stream):
+            with mx.stream(self.stream):
                 self._tokens = mx.concatenate(tokens) if len(tokens) > 1 else tokens[0]
                 # a tensor-parallel model's ranks must agree on every token (identity otherwise)
                 self._tokens = rank0_tokens(self.model, self._tokens)
@@ -583,18 +561,18 @@ class Engine:
             self._waiting.extend(new)
         for row in cancels:
             row.cancelled = True
-        with _on(self.stream):  # the stepping thread's stream, as the step's own collectives
+        with mx.stream(self.stream):  # the stepping thread's stream, as the step's own collectives
             self.sync.announce(new, cancels, reset)
 
     def close(self) -> None:
         """Tensor-parallel rank 0: tell the other ranks to stop following (after the last step)."""
-        with self._step_lock, _on(self.stream):
+        with self._step_lock, mx.stream(self.stream):
             if self.sync is not None:
                 self.sync.stop()
                 self.sync = None
 
     def _sample(self, rows: list[Row], logits: mx.array) -> mx.array:
-        with _on(self.stream):
+        with mx.stream(self.stream):
             if all(row.plain_greedy for row in rows):
                 return mx.argmax(logits, axis=-1).astype(mx.int32)
             return mx.concatenate([row.sample(logits[i : i + 1]).astype(mx.int32) for i, row in enumerate(rows)])
@@ -681,7 +659,7 @@ class Engine:
             self._cache = self._tokens = None
             return
         self.runner.filter(self._cache, keep)
-        with _on(self.stream):
+        with mx.stream(self.stream):
             self._tokens = self._tokens[mx.array(keep, mx.int32)]
         mx.eval(self._tokens, *self.runner.arrays(self._cache))
 
