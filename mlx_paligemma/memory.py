@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -179,7 +179,7 @@ def estimate(
     max_tokens: int = 100,
     lora_rank: int = 8,
     lora_layers: str = "attn",
-    grad_checkpoint: bool = False,
+    grad_checkpoint: Union[bool, int] = False,
     compute_dtype: Optional[str] = None,
     tp_ranks: int = 1,
 ) -> MemoryEstimate:
@@ -189,6 +189,7 @@ def estimate(
     (default: float32 on the CPU, else `dtype`). `text_tokens`: prompt (+ answer when training)
     tokens besides the image's; `max_tokens`: tokens generated. `tp_ranks`: tensor-parallel ranks,
     which divide the decoder's weights, KV heads and per-layer activations (vision is replicated).
+    `grad_checkpoint`: True to recompute every layer in the backward pass, k for the first k decoder layers.
     """
     if mode not in MODES:
         raise PaliGemmaError(f"memory estimate: mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -227,10 +228,18 @@ def estimate(
     else:
         trainable = sum(a.size for _, a in _decoder_and_head_shapes(config)) * compute.size
     per_layer = _layer_activations(config, batch, length, cb, tp_ranks)
-    if grad_checkpoint:
-        stored = t.num_hidden_layers * batch * length * t.hidden_size * cb + per_layer
+    # Checkpointed layers keep only their input (the residual stream) and are recomputed one at a time in
+    # the backward pass. The peak is where the backward pass starts; a recomputation adds one layer's
+    # activations to it only when the last layer is checkpointed too (every layer), the first k are
+    # recomputed later, when the layers above them have freed theirs.
+    layers = t.num_hidden_layers
+    if grad_checkpoint is True or (not isinstance(grad_checkpoint, bool) and grad_checkpoint < 0):
+        recomputed = layers
     else:
-        stored = t.num_hidden_layers * per_layer
+        recomputed = min(int(grad_checkpoint or 0), layers)
+    stored = (layers - recomputed) * per_layer + recomputed * batch * length * t.hidden_size * cb
+    if recomputed == layers:
+        stored += per_layer
     head = 3 * batch * text_tokens * t.vocab_size * 4  # float32 logits, their softmax and gradient
     activations = stored + max(vision, head)
     return MemoryEstimate(weights, activations, gradients=trainable, optimizer=2 * trainable, trainable=trainable)

@@ -237,3 +237,30 @@ def test_grad_checkpoint_gives_the_same_gradients(pg1_dir):
     assert abs(loss.item() - loss_ckpt.item()) < 1e-6
     for (k, a), (_, b) in zip(tree_flatten(plain), tree_flatten(ckpt)):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("layers", [1, True])
+def test_grad_checkpoint_recomputes_the_layers_asked_for(pg1_dir, monkeypatch, layers):
+    """`grad_checkpoint=k` wraps the first k decoder layers only; True every decoder and vision layer.
+    The gradients equal the plain ones either way."""
+    import mlx.nn as nn
+
+    model = load_model(pg1_dir, "float32")
+    processor = Processor.from_dir(pg1_dir, model.config)
+    batch = {k: mx.array(v) for k, v in processor([noise_image(40, 40)], ["caption en"], ["a cat"]).items()}
+    grad = nn.value_and_grad(model, lambda b: ft.suffix_loss(model, b))
+    _, plain = grad(batch)
+    calls = []
+    real = mx.checkpoint
+
+    def counting(fn):
+        calls.append(fn)
+        return real(fn)
+
+    monkeypatch.setattr(mx, "checkpoint", counting)
+    with ft.grad_checkpointing(model, layers):
+        _, ckpt = grad(batch)
+    decoder, vision = len(model.language_model.layers), len(model.vision_tower.encoder.layers)
+    assert len(calls) == (decoder + vision if layers is True else 1)
+    for (k, a), (_, b) in zip(tree_flatten(plain), tree_flatten(ckpt)):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6, err_msg=k)

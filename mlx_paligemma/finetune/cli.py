@@ -53,8 +53,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     p.add_argument(
         "--grad-checkpoint",
-        action="store_true",
-        help="recompute layers in backward: less memory (switched on by itself when the estimate needs it)",
+        nargs="?",
+        type=int,
+        const=True,
+        default=False,
+        metavar="N",
+        help="recompute layers in the backward pass: less memory, more time. Alone: every layer; N: the first N "
+        "decoder layers only. Switched on by itself, for the fewest layers that fit, when the estimate needs it",
     )
     p.add_argument(
         "--dtype",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from ..dtypes import NAMES
 from ..errors import PaliGemmaError
@@ -41,7 +41,9 @@ class FinetuneOptions:
     save_every: int = 0
     val_every: int = 0
     resume: bool = False
-    grad_checkpoint: bool = False
+    # True (or -1): recompute every decoder and vision layer in the backward pass; k: the first k decoder
+    # layers only (memory falls by about one layer's activations per layer, time rises by its forward).
+    grad_checkpoint: Union[bool, int] = False
     loc_smoothing: float = 0.0
     order_loc_embeddings: bool = False
     pad_multiple: int = 8
@@ -75,8 +77,18 @@ class FinetuneOptions:
             raise PaliGemmaError("--merge-dtype: only with --merge")
         if self.image_cache < 0:
             raise PaliGemmaError("--image-cache: must be >= 0")
+        if not isinstance(self.grad_checkpoint, bool) and self.grad_checkpoint < -1:
+            raise PaliGemmaError("--grad-checkpoint: a number of layers (>= 0), or nothing for all of them")
         if self.warmup < 0 or self.save_every < 0 or self.val_every < 0 or self.clip < 0 or self.loc_smoothing < 0:
             raise PaliGemmaError("--warmup, --save-every, --val-every, --clip and --loc-smoothing must be >= 0")
+
+    def checkpoint_layers(self, num_layers: int) -> int:
+        """How many of the `num_layers` decoder layers `grad_checkpoint` recomputes (all of them: the vision
+        tower's too)."""
+        value = self.grad_checkpoint
+        if value is True or (not isinstance(value, bool) and value < 0):
+            return num_layers
+        return min(int(value or 0), num_layers)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -56,26 +56,36 @@ def set_trainable(model: Model, opts: FinetuneOptions) -> None:
 
 
 @contextlib.contextmanager
-def grad_checkpointing(model: Model, enabled: bool = True):
-    """Recompute each decoder and vision layer in the backward pass instead of storing its activations
-    (as mlx-lm does, by wrapping the layer class's `__call__` in `mx.checkpoint`); restored on exit."""
+def grad_checkpointing(model: Model, enabled: Union[bool, int] = True):
+    """Recompute layers in the backward pass instead of storing their activations (as mlx-lm does, by
+    wrapping the layer class's `__call__` in `mx.checkpoint`); restored on exit. `enabled`: True for every
+    decoder and vision layer, an int k for the first k decoder layers only (each one spared saves about
+    one layer's activations and costs one more layer forward per step)."""
+    decoder = model.language_model.layers
+    count = FinetuneOptions(grad_checkpoint=enabled).checkpoint_layers(len(decoder))
+    chosen = list(decoder[:count])
+    if count == len(decoder):
+        chosen += list(model.vision_tower.encoder.layers)
+    chosen_ids = {id(layer) for layer in chosen}
     patched = []
-    if enabled:
-        for layers in (model.language_model.layers, model.vision_tower.encoder.layers):
-            cls = type(layers[0])
-            if any(c is cls for c, _ in patched):
-                continue
-            original = cls.__call__
+    for layer in chosen:
+        cls = type(layer)
+        if any(c is cls for c, _ in patched):
+            continue
+        original = cls.__call__
 
-            def checkpointed(self, *args, _fn=original, **kwargs):
-                def inner(params, *a):
-                    self.update(params)
-                    return _fn(self, *a, **kwargs)
+        def maybe_checkpointed(self, *args, _fn=original, **kwargs):
+            if id(self) not in chosen_ids:
+                return _fn(self, *args, **kwargs)
 
-                return mx.checkpoint(inner)(self.trainable_parameters(), *args)
+            def inner(params, *a):
+                self.update(params)
+                return _fn(self, *a, **kwargs)
 
-            patched.append((cls, original))
-            cls.__call__ = checkpointed
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args)
+
+        patched.append((cls, original))
+        cls.__call__ = maybe_checkpointed
     try:
         yield
     finally:
@@ -151,17 +161,25 @@ def plan(opts: FinetuneOptions, world: int = 1, examples: Optional[list[Example]
 def _choose_grad_checkpoint(
     opts: FinetuneOptions, world: int, examples: list[Example], say: Callable[[str], None]
 ) -> None:
-    """Switch gradient checkpointing on when the estimate without it does not fit (one line says so)."""
+    """Switch gradient checkpointing on when the estimate without it does not fit: for the fewest decoder
+    layers that make it fit (each layer recomputed costs time), else the leanest choice; one line says so."""
     from dataclasses import replace
 
     from ..memory import GB, fits_line
 
     est, available, _ = plan(opts, world, examples)
     if not opts.grad_checkpoint and est.total > available:
-        with_ckpt, _, _ = plan(replace(opts, grad_checkpoint=True), world, examples)
-        opts.grad_checkpoint = True
+        num_layers = load_config(resolve_model_dir(opts.model)).text_config.num_hidden_layers
+        tried = []
+        for count in [*range(1, num_layers), True]:
+            tried.append((count, plan(replace(opts, grad_checkpoint=count), world, examples)[0]))
+            if tried[-1][1].total <= available:
+                break
+        chosen, with_ckpt = tried[-1] if tried[-1][1].total <= available else min(tried, key=lambda t: t[1].total)
+        opts.grad_checkpoint = chosen
+        which = "every layer" if chosen is True else f"{chosen} of {num_layers} decoder layers"
         say(
-            f"gradient checkpointing on: the step needs about {est.total / GB:.1f} GB without it, "
+            f"gradient checkpointing on for {which}: the step needs about {est.total / GB:.1f} GB without it, "
             f"{with_ckpt.total / GB:.1f} GB with it, of {available / GB:.1f} GB"
         )
         est = with_ckpt
@@ -194,8 +212,11 @@ def _train(opts: FinetuneOptions, callback: Optional[Callable], stack: contextli
     if rank == 0 and not opts.grad_checkpoint:
         say = lambda line: print(f"{PROG}: {line}", file=sys.stderr)  # noqa: E731
         _choose_grad_checkpoint(opts, world, train_examples, say)
-    if world > 1:  # every rank checkpoints alike, as rank 0 decided
-        opts.grad_checkpoint = bool(mx.distributed.all_sum(mx.array(float(opts.grad_checkpoint)), group=group) > 0)
+    if world > 1:  # every rank checkpoints alike, as rank 0 decided (the others pass 0)
+        layers = load_config(src_dir).text_config.num_hidden_layers
+        mine = opts.checkpoint_layers(layers) if rank == 0 else 0
+        count = int(mx.distributed.all_sum(mx.array(mine), group=group).item())
+        opts.grad_checkpoint = True if count >= layers else count
     model = load_base(src_dir, opts)
     processor = Processor.from_dir(src_dir, model.config)
     train = Batcher(train_examples, processor, opts.pad_multiple, opts.image_cache)
