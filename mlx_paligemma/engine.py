@@ -15,8 +15,8 @@ token ids and strings, max tokens, and a seed. A seeded row draws from its own r
 split once per token as MLX's global generator does, so it gives the same tokens whatever else
 is in the batch (and the same as `mx.random.seed(seed)` before a single run).
 
-Threads: the engine computes on its own stream, one per thread (`mx.new_thread_local_stream`);
-steps are serialised by a lock, and every array the engine keeps between steps (cache, last
+Threads: the engine computes on its own stream, one per thread (`mx.new_thread_local_stream`; on
+the CPU the thread's default stream, see `engine_stream`); steps are serialised by a lock, and every array the engine keeps between steps (cache, last
 tokens, random keys) is evaluated before the lock is released, because an unevaluated MLX array
 belongs to the stream, hence the thread, that made it. Any thread may drive the loop: a library
 call steps the engine until its own rows are done, and rows of other threads decode with it.
@@ -293,6 +293,21 @@ class MLXRunner:
         return cfg.num_image_tokens * cfg.text_config.hidden_size * self.model.dtype.size
 
 
+def engine_stream(device: Any) -> Any:
+    """What an engine computes on, valid in whichever thread uses it (MLX streams belong to a thread).
+
+    On the GPU a stream of its own in each thread (`mx.new_thread_local_stream`), as mlx-lm generates on
+    its own stream. On the CPU the device itself, i.e. the using thread's default stream: each CPU stream
+    is a worker thread, and once a second thread has called MKL (Intel OpenMP), the first thread's MKL
+    calls run about half as fast from then on, with a core idle. Measured: after one `generate` on a
+    stream of its own, the demo trainer's steps went from 1.45 to 0.8 per second for the rest of the
+    run (0.45 cores idle); with the thread's default stream they stay at 1.6.
+    """
+    if device.type == mx.DeviceType.cpu:
+        return device
+    return mx.new_thread_local_stream(device)
+
+
 def runner_for(model: Any, stream: Any):
     if isinstance(model, nn.Module):
         return MLXRunner(model, stream)
@@ -426,8 +441,7 @@ class Engine:
         if max_batch < 1:
             raise PaliGemmaError(f"max_batch: must be at least 1, got {max_batch}")
         self.model, self.max_batch = model, max_batch
-        # valid in whichever thread uses it (MLX streams belong to a thread; the package pins an MLX that has it)
-        self.stream = mx.new_thread_local_stream(mx.default_device())
+        self.stream = engine_stream(mx.default_device())
         self.runner = runner_for(model, self.stream)
         if vision_cache_bytes is None:
             vision_cache_bytes = 64 * self.runner.feature_bytes()  # ~64 images of this model

@@ -242,3 +242,27 @@ def test_deleting_the_model_frees_it_and_its_engine(tmp_path):
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_on_the_cpu_the_engine_uses_the_stepping_thread_default_stream(monkeypatch):
+    """A CPU stream of its own would be a second thread calling MKL, after which Intel OpenMP runs the
+    first thread's matmuls at half speed (engine_stream's docstring has the measurement). On a GPU the
+    engine keeps a stream of its own per thread, as mlx-lm does (device stubbed here)."""
+    from mlx_paligemma import engine as engine_module
+
+    assert engine_module.engine_stream(mx.Device(mx.cpu)) == mx.Device(mx.cpu)
+    made = []
+    monkeypatch.setattr(engine_module.mx, "new_thread_local_stream", lambda d: made.append(d) or "own stream")
+    assert engine_module.engine_stream(mx.Device(mx.gpu)) == "own stream" and made == [mx.Device(mx.gpu)]
+
+
+def test_a_cpu_engine_steps_on_whichever_thread_drives_it(pair):
+    """With the device as its stream, each driving thread computes on its own default stream: rows
+    decoded from a thread other than the one that made the engine give the same tokens."""
+    model, processor = pair
+    expected = single(model, processor, SHORT, 3, max_tokens=6)
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(ids=single(model, processor, SHORT, 3, max_tokens=6)))
+    worker.start()
+    worker.join()
+    assert out["ids"] == expected
