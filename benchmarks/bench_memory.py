@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument(
-        "--grad-checkpoint", nargs="?", type=int, const=True, default=False, metavar="N", help="all layers, or the first N"
+        "--grad-checkpoint", nargs="?", type=int, const=True, default=False, metavar="N", help="all layers, or N"
     )
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--worker", nargs=2, metavar=("MODE", "BASE"), help=argparse.SUPPRESS)

@@ -16,10 +16,11 @@ split once per token as MLX's global generator does, so it gives the same tokens
 is in the batch (and the same as `mx.random.seed(seed)` before a single run).
 
 Threads: the engine computes on its own stream, one per thread (`mx.new_thread_local_stream`; on
-the CPU the thread's default stream, see `engine_stream`); steps are serialised by a lock, and every array the engine keeps between steps (cache, last
-tokens, random keys) is evaluated before the lock is released, because an unevaluated MLX array
-belongs to the stream, hence the thread, that made it. Any thread may drive the loop: a library
-call steps the engine until its own rows are done, and rows of other threads decode with it.
+the CPU the thread's default stream, see `engine_stream`); steps are serialised by a lock, and every
+array the engine keeps between steps (cache, last tokens, random keys) is evaluated before the lock
+is released, because an unevaluated MLX array belongs to the stream, hence the thread, that made it.
+Any thread may drive the loop: a library call steps the engine until its own rows are done, and rows
+of other threads decode with it.
 
 Tensor parallelism (`server --shard`): rank 0's engine has a `sync` (`server/follower.py`). Rows
 submitted and cancelled there are held until the next step, whose first act is to announce them
