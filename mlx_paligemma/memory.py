@@ -169,6 +169,14 @@ def _slice_transient() -> int:
     return 4 * CHUNK_ELEMENTS * 4
 
 
+def checkpointed_layers(grad_checkpoint: Union[bool, int], num_layers: int) -> int:
+    """How many of `num_layers` decoder layers fine-tuning's `grad_checkpoint` recomputes: True (or -1)
+    all of them (and the vision tower's), False or 0 none, k the first k."""
+    if grad_checkpoint is True or (not isinstance(grad_checkpoint, bool) and grad_checkpoint < 0):
+        return num_layers
+    return min(int(grad_checkpoint or 0), num_layers)
+
+
 def estimate(
     config: PaliGemmaConfig,
     mode: str = "lora",
@@ -233,10 +241,7 @@ def estimate(
     # activations to it only when the last layer is checkpointed too (every layer), the first k are
     # recomputed later, when the layers above them have freed theirs.
     layers = t.num_hidden_layers
-    if grad_checkpoint is True or (not isinstance(grad_checkpoint, bool) and grad_checkpoint < 0):
-        recomputed = layers
-    else:
-        recomputed = min(int(grad_checkpoint or 0), layers)
+    recomputed = checkpointed_layers(grad_checkpoint, layers)
     stored = (layers - recomputed) * per_layer + recomputed * batch * length * t.hidden_size * cb
     if recomputed == layers:
         stored += per_layer

@@ -82,14 +82,6 @@ class FinetuneOptions:
         if self.warmup < 0 or self.save_every < 0 or self.val_every < 0 or self.clip < 0 or self.loc_smoothing < 0:
             raise PaliGemmaError("--warmup, --save-every, --val-every, --clip and --loc-smoothing must be >= 0")
 
-    def checkpoint_layers(self, num_layers: int) -> int:
-        """How many of the `num_layers` decoder layers `grad_checkpoint` recomputes (all of them: the vision
-        tower's too)."""
-        value = self.grad_checkpoint
-        if value is True or (not isinstance(value, bool) and value < 0):
-            return num_layers
-        return min(int(value or 0), num_layers)
-
 
 @dataclass
 class TrainResult:

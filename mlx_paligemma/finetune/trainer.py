@@ -20,6 +20,7 @@ from mlx.utils import tree_map
 from ..checkpoint import open_checkpoint, resolve_model_dir, stored_dtype
 from ..config import load_config
 from ..errors import PaliGemmaError
+from ..memory import checkpointed_layers
 from ..models import Model
 from ..processor import Processor
 from .data import Batcher, Example, Prefetcher, _global_batches, read_jsonl
@@ -62,7 +63,7 @@ def grad_checkpointing(model: Model, enabled: Union[bool, int] = True):
     decoder and vision layer, an int k for the first k decoder layers only (each one spared saves about
     one layer's activations and costs one more layer forward per step)."""
     decoder = model.language_model.layers
-    count = FinetuneOptions(grad_checkpoint=enabled).checkpoint_layers(len(decoder))
+    count = checkpointed_layers(enabled, len(decoder))
     chosen = list(decoder[:count])
     if count == len(decoder):
         chosen += list(model.vision_tower.encoder.layers)
@@ -214,7 +215,7 @@ def _train(opts: FinetuneOptions, callback: Optional[Callable], stack: contextli
         _choose_grad_checkpoint(opts, world, train_examples, say)
     if world > 1:  # every rank checkpoints alike, as rank 0 decided (the others pass 0)
         layers = load_config(src_dir).text_config.num_hidden_layers
-        mine = opts.checkpoint_layers(layers) if rank == 0 else 0
+        mine = checkpointed_layers(opts.grad_checkpoint, layers) if rank == 0 else 0
         count = int(mx.distributed.all_sum(mx.array(mine), group=group).item())
         opts.grad_checkpoint = True if count >= layers else count
     model = load_base(src_dir, opts)
