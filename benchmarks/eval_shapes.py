@@ -3,9 +3,11 @@
     python -m benchmarks.eval_shapes --model demo [--images 200] [--backend mlx|torch] [--bits 8] [--json]
         [--adapter-path DIR] [--shapes circle,square,triangle,star] [--colours ...]
 
-Metrics: caption exact match, counting accuracy, colour accuracy, detection mean IoU (each ground-truth
-object matched one-to-one, greedily by IoU, to a predicted box; unmatched objects score 0) and recall at
-IoU 0.5 (overall and per shape kind), how often a detection question about an absent shape is answered
+Metrics: caption exact match (and, per shape, whether the caption names its kind and its colour in its
+place: a model that sees colours but not shapes scores high on one and at chance, 1/3, on the other),
+counting accuracy, colour accuracy, detection mean IoU (each ground-truth object matched one-to-one,
+greedily by IoU, to a predicted box; unmatched objects score 0) and recall at IoU 0.5 (overall and per
+shape kind), how often a detection question about an absent shape is answered
 empty, and the recall at IoU 0.5 of multi-class `detect a ; b` questions (each true object matched to a
 predicted box of its own label). Scenes come from a fixed seed, never used for training. Greedy decoding.
 A model quantized in memory (`--bits 8`) or on disk (a `mlx-paligemma quantize` directory) works alike.
@@ -50,6 +52,13 @@ def match_ious(truth: Sequence[Sequence[float]], predicted: Sequence[Sequence[fl
         used_t.add(i)
         used_p.add(j)
     return out
+
+
+def caption_objects(text: str) -> list[tuple[str, str]]:
+    """The (colour, kind) pairs a caption names, left to right: `a red circle and a blue square` ->
+    [("red", "circle"), ("blue", "square")]; words that are not `a|an COLOUR KIND` are skipped."""
+    words = text.replace(",", " ").split()
+    return [(words[i + 1], words[i + 2]) for i in range(len(words) - 2) if words[i] in ("a", "an")]
 
 
 def questions(
@@ -115,6 +124,7 @@ def evaluate(
     if bar is not None:
         bar.close()
     hits: dict[str, list[float]] = {"caption": [], "count": [], "colour": [], "absent": [], "multi": []}
+    named: dict[str, list[float]] = {"kind": [], "colour": []}
     ious: dict[str, list[float]] = {kind: [] for kind in vocab.shapes}
     size = (shapes.SIZE, shapes.SIZE)
     for (_k, task, _prompt, expected), got in zip(qs, answers):
@@ -131,10 +141,17 @@ def evaluate(
                 hits["multi"] += [float(v >= 0.5) for v in matched]
         else:
             hits[task].append(float(got.strip() == expected))
+            if task == "caption":
+                truth, said = caption_objects(expected), caption_objects(got)
+                said += [("", "")] * (len(truth) - len(said))
+                named["colour"] += [float(t[0] == g[0]) for t, g in zip(truth, said)]
+                named["kind"] += [float(t[1] == g[1]) for t, g in zip(truth, said)]
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
     every_iou = [v for values in ious.values() for v in values]
     metrics = {
         "caption_exact": mean(hits["caption"]),
+        "caption_kinds": mean(named["kind"]),
+        "caption_colours": mean(named["colour"]),
         "counting": mean(hits["count"]),
         "colour": mean(hits["colour"]),
         "detection_miou": mean(every_iou),
@@ -176,6 +193,8 @@ def load_backend(
 
 TABLE_ROWS = (
     ("caption exact match", "caption_exact", True),
+    ("  shapes' kinds named right", "caption_kinds", True),
+    ("  shapes' colours named right", "caption_colours", True),
     ("counting accuracy", "counting", True),
     ("colour accuracy", "colour", True),
     ("detection mean IoU", "detection_miou", False),

@@ -123,3 +123,34 @@ def test_the_scorer_counts_wrong_labels_and_invented_boxes_against_the_new_measu
     assert metrics["absent_empty"] == 0.0
     assert metrics["multi_recall50"] < 0.6  # only the triangles keep their label
     assert metrics["caption_exact"] == 1.0 and metrics["detection_recall50"] == 1.0
+
+
+def test_the_caption_measures_tell_kinds_from_colours(monkeypatch):
+    """A caption with every kind wrong and every colour right scores 0 on kinds and 1 on colours; one
+    that names fewer shapes than there are counts the missing ones as wrong."""
+    swap = {"circle": "square", "square": "triangle", "triangle": "circle"}
+
+    def wrong_kinds(prompt, scene):
+        text = _truth(prompt, scene)
+        if prompt != shapes.CAPTION_PROMPT:
+            return text
+        return " ".join(
+            swap.get(word.rstrip(","), word.rstrip(",")) + ("," if word.endswith(",") else "") for word in text.split()
+        )
+
+    metrics = _answer_with(monkeypatch, wrong_kinds)
+    assert metrics["caption_kinds"] == 0.0 and metrics["caption_colours"] == 1.0
+    assert metrics["caption_exact"] == 0.0
+
+    def first_shape_only(prompt, scene):
+        text = _truth(prompt, scene)
+        return (
+            shapes.caption(shapes.Scene(scene.background, scene.shapes[:1]))
+            if prompt == shapes.CAPTION_PROMPT
+            else text
+        )
+
+    metrics = _answer_with(monkeypatch, first_shape_only)
+    scenes = eval_shapes.eval_scenes(12)
+    expected = sum(1 for _ in scenes) / sum(len(s.shapes) for s in scenes)
+    assert metrics["caption_kinds"] == pytest.approx(expected) and metrics["caption_colours"] == pytest.approx(expected)
