@@ -111,3 +111,49 @@ def test_the_fast_dequantize_is_mlx_dequantize_bit_for_bit(bits, dtype):
         expected = mx.dequantize(q, scales, biases, group_size=group_size, bits=bits)
         got = dequantize(q, scales, biases, group_size, bits, "affine")
         assert got.dtype == expected.dtype and mx.array_equal(got, expected).item(), (group_size, bits, dtype)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 3, 40])  # one-row products (decode, the LM head), a dequantized one
+def test_two_stream_halves_equal_mlx(bits, rows, monkeypatch):
+    """Few-row products of large quantized weights run as two halves, the second on a helper stream
+    (threshold forced low here): the results stay MLX's, compiled and differentiated too, and the helper
+    stream is used; with many rows (dequantize + BLAS) it is not."""
+    monkeypatch.setattr(cpu_layers, "SPLIT_MIN_QUANTIZED", 1)
+    used = []
+    real = cpu_layers.helper_stream
+    monkeypatch.setattr(cpu_layers, "helper_stream", lambda: used.append(1) or real())
+    mx.random.seed(bits + rows)
+    ref, cpu = _pair(nn.QuantizedLinear.from_linear(nn.Linear(256, 385, bias=True), 64, bits))  # odd rows
+    x = mx.random.normal((rows, 256))
+    _close(cpu(x), ref(x))
+    loss = lambda layer: lambda x: (layer(x) * mx.arange(385)).sum()  # noqa: E731
+    _close(mx.compile(mx.grad(loss(cpu)))(x), mx.grad(loss(ref))(x))
+    ref_e, cpu_e = _pair(nn.QuantizedEmbedding.from_embedding(nn.Embedding(999, 64), 32, bits))
+    h = mx.random.normal((1, rows, 64))
+    _close(cpu_e.as_linear(h), ref_e.as_linear(h))
+    assert bool(used) == (rows < cpu_layers.DEQUANTIZE_MIN_ROWS)
+
+
+def test_the_helper_stream_belongs_to_each_thread():
+    """A thread's ops run on its own helper stream (MLX streams belong to the thread that made them)."""
+    import threading
+
+    mx.random.seed(3)
+    ref, cpu = _pair(nn.QuantizedLinear.from_linear(nn.Linear(2048, 2048, bias=False), 64, 4))
+    x = mx.random.normal((1, 2048))
+    assert cpu["weight"].size * 8 >= cpu_layers.SPLIT_MIN_QUANTIZED  # the real threshold splits it
+    want = np.asarray(ref(x))
+    got = {}
+
+    def work(name):
+        got[name] = np.asarray(cpu(x))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    work("main")
+    for name, value in got.items():
+        assert np.abs(value - want).max() <= RTOL * np.abs(want).max(), name
