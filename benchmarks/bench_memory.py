@@ -9,7 +9,8 @@ quantized from the preset, QLoRA) one process runs `--steps` LoRA steps of batch
 `--batch` (rank 8, attention layers) on noise images with short captions, and one process generates
 `--max-tokens` tokens (`--modes` chooses). Each prints the estimate before loading, then the measured
 peak (`mx.get_peak_memory`, which counts weights, activations and optimiser state), the time per
-training step (median after the first, compiled, step) or the time to first token (vision + prefill),
+training step (median after the first, compiled, step) or the time to first token (vision + prefill; the
+median of `--runs` after a warm-up),
 and estimate / measured. A preset checkpoint is built once in `--workdir` and reused.
 """
 
@@ -113,9 +114,17 @@ def _generate_worker(args: argparse.Namespace, model_dir: Path, base: str) -> di
     model, processor = mp.load(model_dir, dtype=dtype)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8))
     mp.generate(model, processor, image, "caption en", max_tokens=2)  # warm-up (compilation, caches)
-    result = mp.generate(model, processor, image, "caption en", max_tokens=args.max_tokens)
-    ttft = result.stats.vision_time + result.stats.prefill_time
-    return {"estimate": est.total, "measured": mx.get_peak_memory(), "seconds": ttft, "what": "s to first token"}
+    times = []
+    for _ in range(args.runs):
+        result = mp.generate(model, processor, image, "caption en", max_tokens=args.max_tokens)
+        times.append(result.stats.vision_time + result.stats.prefill_time)
+    return {
+        "estimate": est.total,
+        "measured": mx.get_peak_memory(),
+        "seconds": statistics.median(times),
+        "runs": [round(t, 4) for t in times],
+        "what": f"s to first token (median of {args.runs})",
+    }
 
 
 def main(argv=None) -> int:
@@ -127,6 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--runs", type=int, default=1, help="generate: timed runs after the warm-up (median reported)")
     p.add_argument(
         "--grad-checkpoint", nargs="?", type=int, const=True, default=False, metavar="N", help="all layers, or N"
     )
