@@ -608,14 +608,17 @@ def generated_note(state: dict, arch: dict, results: dict, curve: list[dict], ev
         "",
         "## Learning curve",
         "",
-        "Scores on held-out scenes during training (`WORK/log.txt`):",
+        "Scores on held-out scenes during training (`WORK/log.txt`; kinds: the shapes whose kind the caption",
+        "names right, 33% by chance):",
         "",
-        "| minutes | step | examples | loss | caption | count | colour | mIoU | R@0.5 | absent | multi R@.5 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| minutes | step | examples | loss | caption | kinds | count | colour | mIoU | R@0.5 | absent | multi R@.5 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in curve:
+        kinds = f"{100 * r['caption_kinds']:.0f}%" if r.get("caption_kinds") is not None else "-"
         lines.append(
-            f"| {r['minutes']} | {r['step']} | {r['examples']:,} | {r['loss']} | {100 * r['caption_exact']:.0f}% | "
+            f"| {r['minutes']} | {r['step']} | {r['examples']:,} | {r['loss']} | "
+            f"{100 * r['caption_exact']:.0f}% | {kinds} | "
             f"{100 * r['counting']:.0f}% | {100 * r['colour']:.0f}% | {r['detection_miou']:.3f} | "
             f"{100 * r['detection_recall50']:.0f}% | {100 * r['absent_empty']:.0f}% | "
             f"{100 * r['multi_recall50']:.0f}% |"
