@@ -152,5 +152,5 @@ def test_the_caption_measures_tell_kinds_from_colours(monkeypatch):
 
     metrics = _answer_with(monkeypatch, first_shape_only)
     scenes = eval_shapes.eval_scenes(12)
-    expected = sum(1 for _ in scenes) / sum(len(s.shapes) for s in scenes)
+    expected = len(scenes) / sum(len(s.shapes) for s in scenes)  # each caption's first shape only
     assert metrics["caption_kinds"] == pytest.approx(expected) and metrics["caption_colours"] == pytest.approx(expected)
