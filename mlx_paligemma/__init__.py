@@ -16,8 +16,9 @@ lines: `__main__.py` (`mlx-paligemma SUBCOMMAND`) dispatches to `commands/genera
 `commands/demo.py`, `quantize.py`, `doctor.py`, `finetune/` and `server/`.
 """
 
-# First, before anything imports mlx.core: importing blas loads a fast BLAS for MLX's CPU backend on Linux.
-from . import blas  # noqa: F401  (isort keeps it first)
+# First, before anything imports mlx.core: importing blas loads a fast BLAS for MLX's CPU backend on Linux,
+# importing allocator sets glibc's malloc to keep the CPU's temporaries' pages (allocator.py).
+from . import allocator, blas  # noqa: F401  (isort keeps them first)
 from .errors import CheckpointError, ConfigError, MissingDependencyError, PaliGemmaError, ProcessorError
 from .generation import (
     GenerationChunk,

@@ -91,18 +91,32 @@ def _sliced_input_grad(g: mx.array, weight_slice: WeightSlice, out_rows: int, in
     return total
 
 
+@functools.cache
+def _unpack(bits: int) -> Callable:
+    """codes * scale + bias for words (..., groups, words per group, 1) and scales/biases (..., groups, 1, 1),
+    compiled: on the CPU `mx.compile` fuses the shift, mask, cast and multiply-add into one loop that writes
+    only the float32 output (4096 x 1024 at 4 bits: 4.1 ms against 5.0 ms unfused)."""
+    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
+    mask = (1 << bits) - 1
+
+    def unpack(words: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+        return ((words >> shifts) & mask).astype(mx.float32) * scales + biases
+
+    return mx.compile(unpack)
+
+
 def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int, mode: str) -> mx.array:
     """`mx.dequantize`, bit for bit; for 2/4/8-bit affine weights with float32 scales as shifts, masks and one
-    multiply-add, which MLX's CPU runs ~2x as fast as its dequantize kernel (4096 x 1024 at 4 bits: 6.2 ms
-    against 12.9 ms; a float32 GEMM of 256 rows by it takes 16 ms, so this is most of the quantized overhead)."""
+    multiply-add in one compiled loop, which MLX's CPU runs ~2.3x as fast as its dequantize kernel (4096 x 1024
+    at 4 bits: 4.1 ms against 9.6 ms; a float32 GEMM of 260 rows by it takes 6.5 ms, so this is most of the
+    quantized overhead)."""
     if mode != "affine" or bits not in (2, 4, 8) or scales.dtype != mx.float32:
         return mx.dequantize(w, scales, biases, group_size, bits, mode=mode)
     per_word = 32 // bits
-    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
-    codes = (w[..., None] >> shifts) & ((1 << bits) - 1)  # (..., words, per_word): low bits first
-    rows = w.shape[:-1]
-    codes = codes.reshape(*rows, w.shape[-1] * per_word // group_size, group_size).astype(mx.float32)
-    return (codes * scales[..., None] + biases[..., None]).reshape(*rows, w.shape[-1] * per_word)
+    rows, groups = w.shape[:-1], scales.shape[-1]
+    words = w.reshape(*rows, groups, group_size // per_word, 1)  # low bits first within each word
+    out = _unpack(bits)(words, scales[..., None, None], biases[..., None, None])
+    return out.reshape(*rows, w.shape[-1] * per_word)
 
 
 @functools.cache

@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from . import allocator
 from .blas import ENV_VAR, blas_report
 from .cli import ArgumentParser, main_entry
 
@@ -64,6 +65,7 @@ def mlx_info() -> dict[str, str]:
     info = {"mlx": f"{mx.__version__}, default device: {kind}"}
     if sys.platform.startswith("linux"):
         info["mlx BLAS"] = describe_blas(blas_report())
+        info["malloc"] = allocator.describe()
     return info
 
 

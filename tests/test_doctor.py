@@ -65,7 +65,10 @@ def test_the_demo_models_stored_reference_is_the_torch_backends_output_now(tmp_p
     doctor.write_demo_reference(copy)
     stored = json.loads((demo / doctor.DEMO_REFERENCE).read_text())
     fresh = json.loads((copy / doctor.DEMO_REFERENCE).read_text())
-    assert np.abs(np.array(stored["logits"]) - np.array(fresh["logits"])).max() <= 1e-5
+    stored_logits, fresh_logits = np.array(stored["logits"]), np.array(fresh["logits"])
+    # torch's float32 kernels differ by CPU: 1.3e-5 (logits up to 17.9) on another Xeon than the one that
+    # wrote the file; so 1e-5 of the largest |logit|, ten times tighter than the check's own tolerance.
+    assert np.abs(stored_logits - fresh_logits).max() <= 1e-5 * np.abs(stored_logits).max()
     assert doctor.demo_forward_check("mlx (cpu)", "cpu", copy).status == "PASS"
     fresh["logits"][-1][0] += 1.0
     (copy / doctor.DEMO_REFERENCE).write_text(json.dumps(fresh))
