@@ -10,7 +10,7 @@ quantized from the preset, QLoRA) one process runs `--steps` LoRA steps of batch
 `--max-tokens` tokens (`--modes` chooses). Each prints the estimate before loading, then the measured
 peak (`mx.get_peak_memory`, which counts weights, activations and optimiser state), the time per
 training step (median after the first, compiled, step) or the time to first token (vision + prefill; the
-median of `--runs` after a warm-up),
+median of `--runs` after a warm-up, each on a new image),
 and estimate / measured. A preset checkpoint is built once in `--workdir` and reused.
 """
 
@@ -112,10 +112,11 @@ def _generate_worker(args: argparse.Namespace, model_dir: Path, base: str) -> di
     print(est.report(available_memory(), f"generate from {base}"), file=sys.stderr)
     mx.reset_peak_memory()
     model, processor = mp.load(model_dir, dtype=dtype)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8))
-    mp.generate(model, processor, image, "caption en", max_tokens=2)  # warm-up (compilation, caches)
+    rng = np.random.default_rng(0)  # a new image per run: a cached image's features would skip the vision tower
+    images = [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(args.runs + 1)]
+    mp.generate(model, processor, images[0], "caption en", max_tokens=2)  # warm-up (compilation, caches)
     times = []
-    for _ in range(args.runs):
+    for image in images[1:]:
         result = mp.generate(model, processor, image, "caption en", max_tokens=args.max_tokens)
         times.append(result.stats.vision_time + result.stats.prefill_time)
     return {
