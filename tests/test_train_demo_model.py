@@ -76,6 +76,29 @@ def test_a_run_in_two_parts_equals_one_run(tmp_path, toy_init):
     assert state["step"] == 6 and state["options"]["batch_size"] == 4
 
 
+def test_the_vision_tower_can_learn_at_its_own_rate(tmp_path, toy_init):
+    """--vision-lr-scale 4: AdamW's first step moves every weight by about the rate (the update is
+    m / sqrt(v) = sign(g)), so the vision tower's weights move 4x as far and the decoder's as far as at
+    scale 1; the run resumes from the two optimisers' saved state."""
+    init = mx.load(str(toy_init / "model.safetensors"))
+    moved = {}
+    for scale in ("1", "4"):
+        work = _work(tmp_path, toy_init, f"scale{scale}")
+        flags = ["--steps", "4", "--stop-after-steps", "1", "--vision-lr-scale", scale, *FLAGS]
+        assert trainer.main([str(work), *flags]) == 0
+        after = mx.load(str(trainer.latest_snapshot(work) / "model.safetensors"))
+
+        def largest_move(prefix: str) -> float:
+            return max(float(mx.abs(after[k] - init[k]).max()) for k in init if k.startswith(prefix))
+
+        moved[scale] = (largest_move("vision_tower."), largest_move("language_model.layers."))
+        if scale == "4":
+            assert trainer.main([str(work), "--resume", "--quiet", "--eval-images", "1"]) == 0
+            assert trainer.latest_snapshot(work).name == "step-0000004"
+    assert moved["4"][0] == pytest.approx(4 * moved["1"][0], rel=0.02)
+    assert moved["4"][1] == pytest.approx(moved["1"][1], rel=0.02)
+
+
 def test_the_shipped_file_is_16_bit_and_loads_as_float32(tmp_path, toy_init):
     work = _work(tmp_path, toy_init, "run")
     assert trainer.main([str(work), "--steps", "2", *FLAGS]) == 0

@@ -185,6 +185,7 @@ class TrainOptions:
     steps: Optional[int] = None
     batch_size: int = 32
     lr: float = 5e-4
+    vision_lr_scale: float = 1.0
     min_lr_ratio: float = 0.05
     warmup: int = 300
     weight_decay: float = 0.01
@@ -289,6 +290,32 @@ def log_eval(work: Path, model, processor, record: dict, images: int, vocab: sha
     return record
 
 
+def make_optimizer(opts: TrainOptions, lr: float):
+    """AdamW; with `vision_lr_scale` != 1, one AdamW for the vision tower at that multiple of the rate and one
+    for the rest (`mlx.optimizers.MultiOptimizer`). Adam's steps do not scale with the gradient, so a
+    separate rate is the way to move one part of the model faster."""
+    import mlx.optimizers as optim
+
+    if opts.vision_lr_scale == 1.0:
+        return optim.AdamW(learning_rate=lr, weight_decay=opts.weight_decay)
+    vision = optim.AdamW(learning_rate=lr * opts.vision_lr_scale, weight_decay=opts.weight_decay)
+    rest = optim.AdamW(learning_rate=lr, weight_decay=opts.weight_decay)
+    return optim.MultiOptimizer([vision, rest], [lambda path, _: path.startswith("vision_tower.")])
+
+
+def set_learning_rate(optimizer, opts: TrainOptions, lr: float) -> None:
+    """The schedule's rate for this step (the vision tower's scaled with a MultiOptimizer), as arrays: the
+    compiled update reads them from the optimiser's state."""
+    import mlx.core as mx
+
+    parts = getattr(optimizer, "optimizers", None)
+    if parts is None:
+        optimizer.learning_rate = mx.array(lr)
+    else:
+        parts[0].learning_rate = mx.array(lr * opts.vision_lr_scale)
+        parts[1].learning_rate = mx.array(lr)
+
+
 def make_step(model, optimizer, processor, opts: TrainOptions):
     """`step(numpy_batch) -> mean suffix loss`: one AdamW update, compiled once per batch shape, with
     `mlx_paligemma.finetune`'s loss (prefix-LM masks, logits over the suffix span only, `<loc>` smoothing).
@@ -343,8 +370,6 @@ def measure_speed(arch: Arch, opts: TrainOptions, batches: int = 16) -> dict:
     (with how much each size learns per example: mlx_paligemma/demo/README.md)."""
     import tempfile
 
-    import mlx.optimizers as optim
-
     from mlx_paligemma.load import load_model
     from mlx_paligemma.processor import Processor
 
@@ -353,7 +378,7 @@ def measure_speed(arch: Arch, opts: TrainOptions, batches: int = 16) -> dict:
         model = load_model(init, "float32")
         processor = Processor.from_dir(init, model.config)
     model.train()
-    optimizer = optim.AdamW(learning_rate=opts.lr * 0.1, weight_decay=opts.weight_decay)
+    optimizer = make_optimizer(opts, opts.lr * 0.1)
     stream = SceneStream(processor, opts.batch_size, opts.seed, parse_mix(opts.mix), 0.0)
     data = [b for i in range(-(-batches // stream.pool)) for b in stream.chunk(i, 0.5)][:batches]
     step = make_step(model, optimizer, processor, opts)
@@ -377,7 +402,6 @@ def measure_speed(arch: Arch, opts: TrainOptions, batches: int = 16) -> dict:
 def train(work: Path, opts: TrainOptions, part: PartOptions, resume: bool) -> dict:
     """One part of the run; returns the final state (step, elapsed, examples)."""
     import mlx.core as mx
-    import mlx.optimizers as optim
     from mlx.utils import tree_unflatten
 
     from mlx_paligemma.finetune import order_loc_embeddings
@@ -395,7 +419,7 @@ def train(work: Path, opts: TrainOptions, part: PartOptions, resume: bool) -> di
         order_loc_embeddings(model, processor)
     model.unfreeze()
     model.train()
-    optimizer = optim.AdamW(learning_rate=opts.lr, weight_decay=opts.weight_decay)
+    optimizer = make_optimizer(opts, opts.lr)
     optimizer.init(model.trainable_parameters())
     if resume:
         optimizer.state = tree_unflatten(list(mx.load(str(snapshot / OPTIMIZER)).items()))
@@ -453,7 +477,7 @@ def train(work: Path, opts: TrainOptions, part: PartOptions, resume: bool) -> di
                 break
             if part.stop_after_steps and state["step"] - start_step >= part.stop_after_steps:
                 break
-            optimizer.learning_rate = mx.array(lr_at(opts, state["step"], progress(state["step"])))
+            set_learning_rate(optimizer, opts, lr_at(opts, state["step"], progress(state["step"])))
             value = train_step(next(batches))
             ema = value if ema is None else 0.98 * ema + 0.02 * value
             state["step"] += 1
@@ -679,6 +703,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="schedule by steps instead of time (reproducible)")
     g.add_argument("--batch-size", type=int, default=t.batch_size, help=f"examples per step (default {t.batch_size})")
     g.add_argument("--lr", type=float, default=t.lr, help=f"peak AdamW learning rate (default {t.lr:g})")
+    g.add_argument(
+        "--vision-lr-scale",
+        type=float,
+        default=t.vision_lr_scale,
+        help="the vision tower's learning rate as a multiple of --lr, on the same schedule (default 1: one AdamW)",
+    )
     g.add_argument(
         "--min-lr-ratio", type=float, default=t.min_lr_ratio, help="cosine floor as a fraction of --lr (default 0.05)"
     )
