@@ -88,7 +88,7 @@ def test_the_vision_tower_can_learn_at_its_own_rate(tmp_path, toy_init):
         assert trainer.main([str(work), *flags]) == 0
         after = mx.load(str(trainer.latest_snapshot(work) / "model.safetensors"))
 
-        def largest_move(prefix: str) -> float:
+        def largest_move(prefix: str, after: dict = after) -> float:
             return max(float(mx.abs(after[k] - init[k]).max()) for k in init if k.startswith(prefix))
 
         moved[scale] = (largest_move("vision_tower."), largest_move("language_model.layers."))
