@@ -134,11 +134,6 @@ def _tanh_clamp(x: mx.array) -> mx.array:
     return _clamp(x, -_TANH_CLAMP, _TANH_CLAMP)
 
 
-def _tanh(x: mx.array) -> mx.array:
-    x = _tanh_clamp(x)
-    return _tanh_saturate(x, _tanh_ratio(x))
-
-
 def _gelu_tanh_argument(x: mx.array) -> mx.array:
     return _tanh_clamp(_GELU_C * (x + _GELU_A * (x * x * x)))
 
@@ -157,19 +152,22 @@ _gelu_tanh_argument_fused = mx.compile(_gelu_tanh_argument)
 _gelu_from_tanh_fused = mx.compile(_gelu_from_tanh)
 
 
+def _tanh_of_clamped_fused(u: mx.array) -> mx.array:
+    return _tanh_saturate_fused(u, _tanh_ratio_fused(u))
+
+
 def _tanh_fused(x: mx.array) -> mx.array:
-    x = _tanh_clamp_fused(x)
-    return _tanh_saturate_fused(x, _tanh_ratio_fused(x))
+    return _tanh_of_clamped_fused(_tanh_clamp_fused(x))
 
 
 def _gelu_fused(x: mx.array) -> mx.array:
-    u = _gelu_tanh_argument_fused(x)
-    return _gelu_from_tanh_fused(x, _tanh_saturate_fused(u, _tanh_ratio_fused(u)))
+    return _gelu_from_tanh_fused(x, _tanh_of_clamped_fused(_gelu_tanh_argument_fused(x)))
 
 
 @mx.compile
 def _gelu_derivative_fused(x: mx.array) -> mx.array:
-    t = _tanh(_GELU_C * (x + _GELU_A * (x * x * x)))
+    u = _gelu_tanh_argument(x)
+    t = _tanh_saturate(u, _tanh_ratio(u))
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_A * x * x)
 
 
